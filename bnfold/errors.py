@@ -1,0 +1,80 @@
+"""Typed errors. Each carries the process exit code the command line uses for it.
+
+Exit codes (documented in README.md):
+
+====  ==================  ==========================================================
+code  name                meaning
+====  ==================  ==========================================================
+0     OK                  success (including "nothing to fold")
+1     INTERNAL            a bug in bnfold: please report it
+2     USAGE               bad command-line usage (click's own code)
+3     BAD_INPUT           the input is unreadable, not a model, or an invalid model
+4     VERIFY_FAILED       the folded model does not match the original; nothing written
+5     GATE_FAILED         the latency gate failed (folded model slower than allowed)
+6     OUTPUT_ERROR        the output could not be written (permissions, disk full, ...)
+7     MISSING_DEPENDENCY  an optional extra is needed (for instance ``bnfold[torch]``)
+130   INTERRUPTED         interrupted (Ctrl-C); no partial output is left behind
+====  ==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "BadInputError",
+    "BnfoldError",
+    "ExitCode",
+    "GateFailedError",
+    "MissingDependencyError",
+    "OutputError",
+    "VerificationFailedError",
+]
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    BAD_INPUT = 3
+    VERIFY_FAILED = 4
+    GATE_FAILED = 5
+    OUTPUT_ERROR = 6
+    MISSING_DEPENDENCY = 7
+    INTERRUPTED = 130
+
+
+class BnfoldError(Exception):
+    """Base of every error bnfold raises on purpose. ``str(err)`` is one line for the user."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class BadInputError(BnfoldError):
+    """The input cannot be used: missing, unreadable, not ONNX/TorchScript, or an invalid model."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class OutputError(BnfoldError):
+    """The output could not be written. The input and any previous output are untouched."""
+
+    exit_code = ExitCode.OUTPUT_ERROR
+
+
+class VerificationFailedError(BnfoldError):
+    """The folded model does not compute the same function as the original."""
+
+    exit_code = ExitCode.VERIFY_FAILED
+
+
+class GateFailedError(BnfoldError):
+    """A latency gate was exceeded."""
+
+    exit_code = ExitCode.GATE_FAILED
+
+
+class MissingDependencyError(BnfoldError):
+    """An optional dependency is required for this input or option."""
+
+    exit_code = ExitCode.MISSING_DEPENDENCY
