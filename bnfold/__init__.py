@@ -1,0 +1,44 @@
+"""bnfold: fold BatchNormalization out of inference graphs, exactly, and prove it.
+
+    >>> import bnfold
+    >>> result = bnfold.fold("model.onnx")
+    >>> result.folded, result.skipped          # what was folded, what was left and why
+    >>> bnfold.save(result.model, "out.onnx")  # atomic write
+"""
+
+from __future__ import annotations
+
+from bnfold.api import fold
+from bnfold.errors import (
+    BadInputError,
+    BnfoldError,
+    ExitCode,
+    GateFailedError,
+    MissingDependencyError,
+    OutputError,
+    VerificationFailedError,
+)
+from bnfold.onnx_io import load_model as load
+from bnfold.onnx_io import save_model as save
+from bnfold.passes import FoldedPair, FoldResult, Skip
+from bnfold.rules.base import FoldOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadInputError",
+    "BnfoldError",
+    "ExitCode",
+    "FoldOptions",
+    "FoldResult",
+    "FoldedPair",
+    "GateFailedError",
+    "MissingDependencyError",
+    "OutputError",
+    "Skip",
+    "VerificationFailedError",
+    "__version__",
+    "fold",
+    "load",
+    "save",
+]

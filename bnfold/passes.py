@@ -1,0 +1,282 @@
+"""The fold pass: match everything (read-only), plan, apply to a copy, clean up, check.
+
+``fold_onnx(model)`` never mutates ``model``. Within one graph it runs rounds until nothing more
+folds (``Conv -> BN -> BN`` folds in two rounds); within a round every normalization is matched
+against a read-only :class:`~bnfold.graph.GraphView`, accepted folds that touch disjoint nodes are
+applied together, and overlapping ones wait for the next round. Subgraphs (If / Loop / Scan bodies) are
+folded the same way, with the enclosing graphs' constants visible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import onnx
+
+from bnfold.errors import BadInputError, BnfoldError
+from bnfold.graph import GraphView, subgraphs, used_names
+from bnfold.onnx_io import PROTOBUF_LIMIT, NameAllocator
+from bnfold.rules import select_rules
+from bnfold.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
+from bnfold.rules.batchnorm import NEVER_FOLDABLE, bn_norm, is_op
+
+__all__ = ["FoldOptions", "FoldResult", "FoldedPair", "Skip", "count_nodes", "fold_onnx"]
+
+log = logging.getLogger(__name__)
+
+Source = Callable[[FoldContext, int], "Norm | Skip | None"]
+
+
+def _bn_source(ctx: FoldContext, idx: int) -> Norm | Skip | None:
+    node = ctx.view.node(idx)
+    return bn_norm(ctx, idx) if is_op(node, "BatchNormalization") else None
+
+
+SOURCES: tuple[Source, ...] = (_bn_source,)
+"""Where normalizations come from. Each returns a Norm to fold, a Skip to report, or None."""
+
+_PRODUCERS = "Conv, ConvTranspose, Gemm, MatMul"
+
+
+@dataclass(frozen=True)
+class FoldedPair:
+    """One normalization folded into its producer."""
+
+    rule: str
+    producer_op: str
+    output: str
+    """The tensor the folded producer now writes: the removed normalization's output name, present in
+    both the original and the folded model (what verification compares to localise a bad fold)."""
+    norm_op: str
+    graph: str = ""
+
+
+@dataclass
+class FoldResult:
+    """The folded model and an account of every normalization: folded, or left with a reason."""
+
+    model: onnx.ModelProto
+    folded: list[FoldedPair] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded)
+
+    @property
+    def bn_before(self) -> int:
+        return sum(1 for p in self.folded if p.norm_op == "BatchNormalization") + self.bn_after
+
+    @property
+    def bn_after(self) -> int:
+        return sum(1 for s in self.skipped if s.op_type == "BatchNormalization")
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes in ``graph`` and every nested subgraph."""
+    return sum(1 + sum(count_nodes(g) for _, g in subgraphs(n)) for n in graph.node)
+
+
+def fold_onnx(model: onnx.ModelProto, options: FoldOptions | None = None, *, check: bool = True) -> FoldResult:
+    """Fold every foldable normalization of ``model`` into a copy; ``model`` is not modified."""
+    options = options or FoldOptions()
+    try:
+        rules = select_rules(options.only, options.skip)
+    except ValueError as exc:
+        raise BnfoldError(str(exc)) from exc
+    if check:
+        _check(model, "input model", BadInputError)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = NameAllocator(out)
+    result = FoldResult(model=out, nodes_before=count_nodes(model.graph))
+    orphans: set[str] = set()
+    _fold_graph(out.graph, None, "", names, options, rules, result, orphans)
+    if result.folded:
+        _remove_orphans(out.graph, orphans, options.initializers_as_constants)
+        if check:
+            _check(out, "folded model", BnfoldError)
+    result.nodes_after = count_nodes(out.graph)
+    return result
+
+
+def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return  # the checker needs a path for models over 2 GB; onnxruntime loads them later anyway
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{what} fails onnx.checker: {first}") from exc
+
+
+def _fold_graph(
+    graph: onnx.GraphProto,
+    parent: GraphView | None,
+    path: str,
+    names: NameAllocator,
+    options: FoldOptions,
+    rules: tuple[ModuleType, ...],
+    result: FoldResult,
+    orphans: set[str],
+) -> None:
+    while True:
+        view = GraphView(graph, parent=parent, path=path,
+                         initializers_as_constants=options.initializers_as_constants)
+        ctx = FoldContext(view, names, options)
+        accepted, skips, deferred = _plan(ctx, rules)
+        if not accepted:
+            break
+        _apply(graph, accepted, orphans)
+        result.folded.extend(
+            FoldedPair(rule=f.rule, producer_op=f.producer_op, output=f.norm.output,
+                       norm_op=f.norm.op_type, graph=path)
+            for f in accepted
+        )
+        log.debug("%s: folded %d, deferred %d", path or "main graph", len(accepted), deferred)
+    result.skipped.extend(skips)
+    result.skipped.extend(_never_foldable(view))
+    for idx, node in enumerate(graph.node):
+        for attr_name, sub in subgraphs(node):
+            sub_path = f"{path}/" if path else ""
+            sub_path += f"{view.describe(idx)}.{attr_name}"
+            _fold_graph(sub, view, sub_path, names, options, rules, result, orphans)
+
+
+def _plan(ctx: FoldContext, rules: tuple[ModuleType, ...]) -> tuple[list[Fold], list[Skip], int]:
+    """Match every normalization; accept folds whose nodes do not overlap an earlier accepted fold."""
+    accepted: list[Fold] = []
+    skips: list[Skip] = []
+    claimed: set[int] = set()
+    deferred = 0
+    for idx in range(len(ctx.view.graph.node)):
+        for source in SOURCES:
+            norm = source(ctx, idx)
+            if norm is None:
+                continue
+            if isinstance(norm, Skip):
+                skips.append(norm)
+                break
+            outcome = _match(ctx, rules, norm)
+            if isinstance(outcome, Fold):
+                if outcome.touched & claimed:
+                    deferred += 1
+                else:
+                    accepted.append(outcome)
+                    claimed |= outcome.touched
+            elif isinstance(outcome, Skip):
+                skips.append(outcome)
+            break
+    return accepted, skips, deferred
+
+
+def _match(ctx: FoldContext, rules: tuple[ModuleType, ...], norm: Norm) -> Fold | Skip | None:
+    first_skip: Skip | None = None
+    for rule in rules:
+        outcome = rule.match(ctx, norm)
+        if isinstance(outcome, Fold):
+            return outcome
+        if isinstance(outcome, Skip) and first_skip is None:
+            first_skip = outcome
+    if first_skip is not None:
+        return first_skip
+    if norm.op_type != "BatchNormalization":
+        return None
+    view = ctx.view
+    producer = view.producer_of(norm.input)
+    if producer is None:
+        where = "a graph input" if norm.input in view.graph_inputs else "not produced by any node here"
+        reason = f"its input '{norm.input}' is {where}: there is no producer to fold into"
+    else:
+        reason = (
+            f"its input '{norm.input}' comes from {view.describe(producer)}, which is not a linear op "
+            f"with constant weights that the enabled rules ({', '.join(r.NAME for r in rules) or 'none'}) "
+            f"fold into ({_PRODUCERS})"
+        )
+    return ctx.skip(norm.output, norm.op_type, reason)
+
+
+def _never_foldable(view: GraphView) -> Iterator[Skip]:
+    for node in view.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in NEVER_FOLDABLE:
+            yield Skip(output=node.output[0] if node.output else "", op_type=node.op_type,
+                       reason=NEVER_FOLDABLE[node.op_type], graph=view.path)
+
+
+def _apply(graph: onnx.GraphProto, folds: list[Fold], orphans: set[str]) -> None:
+    """Write accepted folds into ``graph``. Every value was computed during matching: nothing here can fail."""
+    replace: dict[int, onnx.NodeProto] = {}
+    remove: set[int] = set()
+    before: dict[int, tuple[onnx.NodeProto, ...]] = {}
+    for f in folds:
+        replace.update(f.replace)
+        remove.update(f.remove)
+        before.update(f.insert_before)
+    for idx in list(replace) + list(remove):
+        node = graph.node[idx]
+        orphans.update(n for n in node.input if n)
+        orphans.update(n for n in node.output if n)
+    nodes: list[onnx.NodeProto] = []
+    for idx, node in enumerate(graph.node):
+        nodes.extend(before.get(idx, ()))
+        if idx in remove:
+            continue
+        nodes.append(replace.get(idx, node))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for f in folds:
+        graph.initializer.extend(f.tensors)
+
+
+def _remove_orphans(graph: onnx.GraphProto, candidates: set[str], drop_inputs: bool) -> None:
+    """Drop initializers, Constant nodes and value_info that folds left unused (only those: tensors
+    that were dead before bnfold ran are not its business)."""
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            _remove_orphans(sub, candidates, drop_inputs)
+    while True:
+        live = _reads(graph)
+        dead_consts = [
+            n for n in graph.node
+            if n.op_type == "Constant" and n.output and n.output[0] in candidates and n.output[0] not in live
+        ]
+        if not dead_consts:
+            break
+        keep = [n for n in graph.node if not any(n is d for d in dead_consts)]
+        del graph.node[:]
+        graph.node.extend(keep)
+    live = _reads(graph)
+    inputs = {i.name for i in graph.input}
+    dead_init = {
+        t.name for t in graph.initializer
+        if t.name in candidates and t.name not in live and (drop_inputs or t.name not in inputs)
+    }
+    if dead_init:
+        keep_init = [t for t in graph.initializer if t.name not in dead_init]
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+        if drop_inputs:
+            keep_inputs = [i for i in graph.input if i.name not in dead_init]
+            del graph.input[:]
+            graph.input.extend(keep_inputs)
+    defined = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    defined |= {t.name for t in graph.initializer}
+    stale = [v for v in graph.value_info if v.name in candidates and v.name not in defined]
+    if stale:
+        keep_vi = [v for v in graph.value_info if not (v.name in candidates and v.name not in defined)]
+        del graph.value_info[:]
+        graph.value_info.extend(keep_vi)
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    reads = {o.name for o in graph.output}
+    for node in graph.node:
+        reads.update(n for n in node.input if n)
+        for _, sub in subgraphs(node):
+            reads |= used_names(sub)
+    return reads

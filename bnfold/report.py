@@ -1,0 +1,146 @@
+"""Results -> the JSON report (stable schema) and the terminal tables (rich). The only printing code
+besides the CLI; it prints only to the console it is given.
+
+JSON schema ``bnfold.report/1`` (keys are only ever added, never renamed or removed, within a
+major version)::
+
+    {
+      "schema": "bnfold.report/1",
+      "bnfold_version": str,
+      "input":  {"path": str|null, "format": "onnx"|"torchscript", "bytes": int|null,
+                 "nodes": int, "batch_norms": int},
+      "output": {"path": str|null, "written": bool, "bytes": int|null, "nodes": int, "batch_norms": int},
+      "folded":  [{"rule": str, "producer_op": str, "output": str, "norm_op": str, "graph": str}],
+      "skipped": [{"output": str, "op_type": str, "reason": str, "graph": str}],
+      "verification": object|null,     # bnfold.verify Comparison.to_dict()
+      "latency": object|null,          # bnfold.latency LatencyReport.to_dict()
+      "environment": {"python": str, "platform": str, "onnx": str, "onnxruntime": str, "numpy": str},
+      "exit_code": int
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bnfold.passes import FoldResult
+
+__all__ = ["SCHEMA", "environment", "fold_report", "render_fold", "write_json"]
+
+SCHEMA = "bnfold.report/1"
+
+
+def environment() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def fold_report(
+    result: FoldResult,
+    *,
+    input_path: str | None,
+    output_path: str | None,
+    written: bool,
+    input_bytes: int | None,
+    output_bytes: int | None,
+    input_format: str = "onnx",
+) -> dict[str, Any]:
+    from bnfold import __version__
+
+    return {
+        "schema": SCHEMA,
+        "bnfold_version": __version__,
+        "input": {
+            "path": input_path,
+            "format": input_format,
+            "bytes": input_bytes,
+            "nodes": result.nodes_before,
+            "batch_norms": result.bn_before,
+        },
+        "output": {
+            "path": output_path,
+            "written": written,
+            "bytes": output_bytes,
+            "nodes": result.nodes_after,
+            "batch_norms": result.bn_after,
+        },
+        "folded": [asdict(p) for p in result.folded],
+        "skipped": [asdict(s) for s in result.skipped],
+        "verification": None,
+        "latency": None,
+        "environment": environment(),
+        "exit_code": 0,
+    }
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write the report atomically (same guarantees as the model)."""
+    from bnfold.onnx_io import atomic_write_bytes
+
+    data = json.dumps(report, indent=2, sort_keys=False, default=str).encode() + b"\n"
+    atomic_write_bytes(path, data)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render_fold(console: Console, report: dict[str, Any]) -> None:
+    """The short summary: folds, normalizations left with reasons, nodes and size before/after."""
+    inp, out = report["input"], report["output"]
+    summary = Table(title="bnfold", show_header=True, header_style="bold")
+    summary.add_column("")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    summary.add_row("nodes", str(inp["nodes"]), str(out["nodes"]))
+    summary.add_row("BatchNormalization", str(inp["batch_norms"]), str(out["batch_norms"]))
+    summary.add_row("file size", _size(inp["bytes"]), _size(out["bytes"]))
+    console.print(summary)
+    folded = report["folded"]
+    if folded:
+        by_rule: dict[str, int] = {}
+        for p in folded:
+            key = f"{p['producer_op']} + {p['norm_op']}"
+            by_rule[key] = by_rule.get(key, 0) + 1
+        console.print(
+            f"folded {len(folded)}: " + ", ".join(f"{n} x {k}" for k, n in sorted(by_rule.items()))
+        )
+    elif not report["skipped"]:
+        console.print("nothing to fold: the model has no BatchNormalization")
+    else:
+        console.print("nothing folded")
+    if report["skipped"]:
+        left = Table(title=f"left in the graph ({len(report['skipped'])})", header_style="bold")
+        left.add_column("node output")
+        left.add_column("op")
+        left.add_column("reason")
+        for s in report["skipped"]:
+            where = f"{s['graph']}: " if s["graph"] else ""
+            left.add_row(where + s["output"], s["op_type"], s["reason"])
+        console.print(left)
+    if out["written"]:
+        console.print(f"wrote {out['path']}")
+    elif out["path"] is None or not out["written"]:
+        console.print("dry run: nothing written" if report.get("dry_run") else "nothing written")

@@ -1,0 +1,35 @@
+"""The fold rules, in the order they are tried. One module per producer; each opens with its spec.
+
+A rule is a module with ``NAME`` (its command-line name) and ``match(ctx, norm) -> Fold | Skip | None``.
+The list is explicit and ordered: no registration on import.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from bnfold.rules import conv
+from bnfold.rules.base import RuleInfo
+
+__all__ = ["RULES", "rule_infos", "select_rules"]
+
+RULES: tuple[ModuleType, ...] = (conv,)
+
+
+def rule_infos() -> list[RuleInfo]:
+    """Name, one-line summary and full header of every rule, read from the rule modules themselves."""
+    infos = []
+    for module in RULES:
+        doc = (module.__doc__ or "").strip()
+        first = doc.splitlines()[0] if doc else module.NAME
+        summary = first.split(":", 1)[1].strip() if ":" in first else first
+        infos.append(RuleInfo(name=module.NAME, summary=summary, doc=doc))
+    return infos
+
+
+def select_rules(only: frozenset[str] | None, skip: frozenset[str]) -> tuple[ModuleType, ...]:
+    known = {m.NAME for m in RULES}
+    unknown = ((only or frozenset()) | skip) - known
+    if unknown:
+        raise ValueError(f"unknown rule(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    return tuple(m for m in RULES if (only is None or m.NAME in only) and m.NAME not in skip)

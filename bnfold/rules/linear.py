@@ -1,0 +1,123 @@
+"""Shared mechanics for producers of the form ``op(X, W, B?)`` with a per-output-channel bias.
+
+Conv, ConvTranspose (and any op whose output channel ``c`` is ``W``-slice ``c`` plus ``B[c]``) fold the
+same way: check the producer owns its output, read ``W`` and ``B`` as constants, scale ``W`` on the
+output-channel layout, fold the bias, round once, and rebuild the node writing the normalization's
+output. Only the weight layout differs, so each rule passes ``scale_weight`` and ``out_channels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnfold.folding import Affine, RoundingError, fold_bias
+from bnfold.rules.base import (
+    Fold,
+    FoldContext,
+    Norm,
+    Skip,
+    constant_or_skip,
+    new_tensor,
+    rounding_skip,
+    sole_consumer_skip,
+)
+
+__all__ = ["fold_weight_bias"]
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+def fold_weight_bias(
+    ctx: FoldContext,
+    rule: str,
+    producer: int,
+    norm: Norm,
+    *,
+    out_channels: Callable[[tuple[int, ...]], int],
+    scale_weight: Callable[[np.ndarray, Affine], np.ndarray],
+) -> Fold | Skip:
+    view = ctx.view
+    node = view.node(producer)
+    desc = view.describe(producer)
+    if norm.channel_axis != 1:
+        return ctx.skip(
+            norm.output, norm.op_type, f"the normalization's channel axis {norm.channel_axis} is not "
+            f"the channel axis (1) of {desc}"
+        )
+    conflict = sole_consumer_skip(ctx, producer, norm)
+    if conflict is not None:
+        return conflict
+    if len(node.input) < 2 or not node.input[1]:
+        return ctx.skip(norm.output, norm.op_type, f"{desc} has no weight input")
+    w_name = node.input[1]
+    b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    w_type = view.constant_dtype(w_name)
+    if w_type is not None and w_type not in FLOAT_TYPES:
+        return ctx.skip(
+            norm.output, norm.op_type,
+            f"weight '{w_name}' of {desc} has element type "
+            f"{onnx.TensorProto.DataType.Name(w_type)}, not a floating-point type",
+        )
+    weight = constant_or_skip(ctx, w_name, f"weight of {desc}", norm)
+    if isinstance(weight, Skip):
+        return weight
+    bias: np.ndarray | None = None
+    if b_name is not None:
+        got = constant_or_skip(ctx, b_name, f"bias of {desc}", norm)
+        if isinstance(got, Skip):
+            return got
+        bias = got
+    if weight.ndim < 2:
+        return ctx.skip(norm.output, norm.op_type, f"weight '{w_name}' of {desc} has rank {weight.ndim}")
+    channels = out_channels(weight.shape)
+    if channels != norm.affine.channels:
+        return ctx.skip(
+            norm.output, norm.op_type,
+            f"{desc} has {channels} output channels but the normalization has {norm.affine.channels}",
+        )
+    if bias is not None and bias.size != channels:
+        return ctx.skip(norm.output, norm.op_type, f"bias '{b_name}' of {desc} has {bias.size} values, "
+                        f"not {channels}")
+    try:
+        w_new = new_tensor(ctx, scale_weight(weight, norm.affine), weight.dtype, f"{w_name}_bnfold",
+                           f"weight of {desc}")
+        b_new = new_tensor(ctx, fold_bias(bias, norm.affine), weight.dtype,
+                           f"{b_name or node.output[0]}_bnfold_bias", f"bias of {desc}")
+    except RoundingError as exc:
+        return rounding_skip(ctx, norm, exc)
+    new_node = onnx.NodeProto()
+    new_node.CopyFrom(node)
+    inputs = list(node.input)
+    inputs[1] = w_new.name
+    if len(inputs) > 2:
+        inputs[2] = b_new.name
+    else:
+        inputs.append(b_new.name)
+    del new_node.input[:]
+    new_node.input.extend(inputs)
+    new_node.output[0] = norm.output
+    return Fold(
+        rule=rule,
+        producer_op=node.op_type,
+        norm=norm,
+        replace={producer: new_node},
+        remove=norm.nodes,
+        tensors=(w_new, b_new),
+    )
+
+
+def make_node_like(node: onnx.NodeProto, inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
+    """A copy of ``node`` (attributes, name, domain) with new inputs and outputs."""
+    out = helper.make_node(node.op_type, inputs, outputs, name=node.name, domain=node.domain or None)
+    out.attribute.extend(node.attribute)
+    out.doc_string = node.doc_string
+    return out
