@@ -45,11 +45,140 @@ def cli(ctx: click.Context, list_rules: bool) -> None:
     \b
     bnfold MODEL.onnx -o OUT.onnx      fold, verify, write (the default verb)
     bnfold rules                       list the rules and their refusal reasons
+    bnfold latency A.onnx B.onnx       time B against A (CPU, CUDA), optional gate
     """
     if list_rules:
         ctx.invoke(rules_cmd)
     elif ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+_LEVEL_NAMES = ("disable_all", "basic", "extended", "layout", "enable_all")
+
+
+def _latency_options(f: Any) -> Any:
+    """Timing options shared by `fold --latency` and the `latency` verb (defined once)."""
+    options = [
+        click.option("--max-slowdown", type=click.FloatRange(min=0, min_open=True), metavar="X",
+                     help="Latency gate: exit 5 when the folded (second) model's median is more than X times "
+                     "the original's on any measured configuration, e.g. 1.02. With fold, implies --latency."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="intra-op threads for timing (default: onnxruntime's, one per physical core)."),
+        click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Timed runs per model and configuration, interleaved in rounds."),
+        click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+                     help="Untimed warm-up runs per model and configuration."),
+        click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Rounds the runs are split into (model order alternates per round)."),
+        click.option("--provider", "providers", multiple=True, metavar="NAME",
+                     help="Execution provider: cpu, cuda, tensorrt, ... (repeatable; default: CPU, plus CUDA "
+                     "when onnxruntime-gpu and a GPU work)."),
+        click.option("--level", "levels", multiple=True, type=click.Choice(_LEVEL_NAMES),
+                     help="onnxruntime optimization level (repeatable; default: disable_all and enable_all)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _measure_latency(
+    models: dict[str, Any],
+    opts: dict[str, Any],
+    quiet: bool,
+    **extra: Any,
+) -> tuple[dict[str, Any], int, list[Any]]:
+    """Run bnfold.latency with a progress bar; returns (JSON, gate exit code, what to print)."""
+    from rich.progress import Progress
+
+    from bnfold.latency import latency, render_gate, render_latency
+
+    with Progress(console=_console(stderr=True), transient=True, disable=quiet) as progress:
+        task = progress.add_task("latency", total=None)
+
+        def tick(label: str, done: int, total: int) -> None:
+            progress.update(task, description=f"latency: {label}", completed=done, total=total)
+
+        try:
+            report = latency(
+                models,
+                providers=list(opts["providers"]) or None,
+                levels=opts["levels"] or ("disable_all", "enable_all"),
+                runs=opts["runs"],
+                warmup=opts["warmup"],
+                rounds=opts["rounds"],
+                threads=opts["threads"],
+                progress=tick,
+                **extra,
+            )
+        except ValueError as exc:  # an option value the library refuses (e.g. a level this onnxruntime lacks)
+            raise click.UsageError(str(exc)) from exc
+    gate = report.gate(opts["max_slowdown"]) if opts["max_slowdown"] is not None else None
+    data = report.to_dict()
+    data["gate"] = gate.to_dict() if gate is not None else None
+    shown: list[Any] = []
+    if not quiet:
+        shown.append(render_latency(report))
+        shown += [f"note: {note}" for note in report.notes]
+        if gate is not None:
+            shown.append(render_gate(gate))
+    return data, int(gate.exit_code) if gate is not None else 0, shown
+
+
+@cli.command("latency")
+@click.argument("baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_latency_options
+@click.option("--batch", type=click.IntRange(min=1), help="Batch size: replaces a dynamic first dimension.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS",
+              help="Input shape, e.g. x=1,3,224,224, or a symbolic dim, e.g. N=8 (repeatable).")
+@click.option("--include-copies", is_flag=True,
+              help="On a GPU provider, also time with host<->device copies (a separate, labelled row).")
+@click.option("--no-io-binding", is_flag=True, help="Time session.run with numpy in/out instead of I/O binding.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def latency_cmd(
+    baseline: Path,
+    candidate: Path,
+    batch: int | None,
+    shapes: tuple[str, ...],
+    include_copies: bool,
+    no_io_binding: bool,
+    report_path: Path | None,
+    quiet: bool,
+    **latency_opts: Any,
+) -> int:
+    """Time CANDIDATE against BASELINE (e.g. original.onnx folded.onnx) on each provider and level.
+
+    Speed-up = baseline median / candidate median, with a bootstrap confidence interval. With
+    --max-slowdown, exits 5 when the candidate is slower than allowed on any measured configuration.
+    """
+    from bnfold.report import write_json
+    from bnfold.verify.feeds import parse_shape_option
+
+    try:
+        parsed = dict(parse_shape_option(text) for text in shapes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shape") from exc
+    a, b = (baseline.name, candidate.name) if baseline.name != candidate.name else (str(baseline), str(candidate))
+    if a == b:
+        a, b = f"{a} (A)", f"{b} (B)"
+    data, code, shown = _measure_latency(
+        {a: baseline, b: candidate},
+        latency_opts,
+        quiet,
+        batch=batch,
+        shapes=parsed or None,
+        include_copies=include_copies,
+        io_binding=not no_io_binding,
+    )
+    if report_path is not None:
+        from bnfold import __version__
+
+        write_json({"schema": "bnfold.latency-report/1", "bnfold_version": __version__, "latency": data,
+                    "exit_code": code}, report_path)
+    for renderable in shown:
+        _console().print(renderable)
+    return code
 
 
 @cli.command("fold")
@@ -64,6 +193,9 @@ def cli(ctx: click.Context, list_rules: bool) -> None:
 @click.option("--skip", "skip", multiple=True, metavar="RULE", help="Do not run these rules (repeatable).")
 @click.option("--no-check", is_flag=True, help="Do not run onnx.checker on the input and output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--latency", "measure_latency", is_flag=True,
+              help="Time the original and the folded model (see `bnfold latency --help`).")
+@_latency_options
 def fold_cmd(
     model: Path,
     output: Path | None,
@@ -74,11 +206,13 @@ def fold_cmd(
     skip: tuple[str, ...],
     no_check: bool,
     quiet: bool,
+    measure_latency: bool,
+    **latency_opts: Any,
 ) -> int:
     """Fold MODEL and write the result to -o OUT."""
     from bnfold.api import fold
     from bnfold.onnx_io import load_model, save_model
-    from bnfold.report import fold_report, render_fold, write_json
+    from bnfold.report import fold_report
     from bnfold.rules import RULES
 
     known = {m.NAME for m in RULES}
@@ -108,7 +242,17 @@ def fold_cmd(
         output_bytes=_file_bytes(out_path) if written else result.model.ByteSize(),
     )
     report["dry_run"] = dry_run
-    return _finish(report, report_path, quiet)
+    shown: list[Any] = []
+    if measure_latency or latency_opts["max_slowdown"] is not None:
+        report["latency"], gate_code, shown = _measure_latency(
+            {"original": original, "folded": result.model}, latency_opts, quiet
+        )
+        if gate_code and not report.get("exit_code"):
+            report["exit_code"] = gate_code
+    code = _finish(report, report_path, quiet)
+    for renderable in shown:
+        _console().print(renderable)
+    return code
 
 
 def _finish(report: dict[str, Any], report_path: Path | None, quiet: bool) -> int:
@@ -174,9 +318,17 @@ def _conditions(doc: str) -> str:
     return text.replace(" - ", "\n- ").strip()
 
 
+class _ErrLine:
+    """One unwrapped line on stderr (rich would wrap long paths)."""
+
+    @staticmethod
+    def print(text: str, markup: bool = False) -> None:
+        click.echo(text, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps every outcome to an exit code, never a traceback."""
-    err = _console(stderr=True)
+    err = _ErrLine()
     try:
         rv = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -202,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             "(set BNFOLD_DEBUG=1 for a traceback; please report)",
             markup=False,
         )
-        if os.environ.get("BNFOLD_DEBUG"):
+        if os.environ.get("BNFOLD_DEBUG"):  # pragma: no cover
             raise
         sys.exit(ExitCode.INTERNAL)
     sys.exit(int(rv or 0) if isinstance(rv, int) else 0)

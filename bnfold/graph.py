@@ -147,6 +147,12 @@ class GraphView:
         idx = self.producer.get(name)
         if idx is not None:
             node = self.graph.node[idx]
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
+                # exporters route shared or deduplicated parameters through Identity nodes
+                inner = self.constant(node.input[0])
+                if inner.value is not None:
+                    return ConstantLookup(inner.value, origin=f"Identity of {inner.origin}")
+                return inner
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:

@@ -76,8 +76,8 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     if has_external_data(model):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
-            detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
             raise BadInputError(f"{path}: external data could not be read ({detail})") from exc
     return model
 

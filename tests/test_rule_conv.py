@@ -1,0 +1,460 @@
+"""Conv -> BatchNormalization: folds proven on onnxruntime, and one test per refusal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_same_outputs, make_model, ops, run_ort, runs_on_ort, tensor
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import bnfold
+
+NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(ml_dtypes.bfloat16): TensorProto.BFLOAT16,
+}
+
+
+@dataclass
+class ConvCase:
+    rank: int
+    groups: int
+    in_per_group: int
+    out_per_group: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None
+    auto_pad: str | None
+    bias: bool
+    dtype: np.dtype
+    bn_opset: int
+    epsilon: float | None
+    spatial_size: tuple[int, ...]
+    seed: int
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn) -> ConvCase:
+    rank = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans())
+    in_per_group = 1 if depthwise else draw(st.integers(1, 3))
+    out_per_group = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    strides = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    dilations = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    auto_pad = draw(st.sampled_from([None, None, "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    pads = None if auto_pad else tuple(draw(st.integers(0, 2)) for _ in range(2 * rank))
+    size = 7 if rank < 3 else 5
+    spatial = tuple(draw(st.integers(size - 2, size)) for _ in range(rank))
+    return ConvCase(
+        rank=rank, groups=groups, in_per_group=in_per_group, out_per_group=out_per_group, kernel=kernel,
+        strides=strides, dilations=dilations, pads=pads, auto_pad=auto_pad, bias=draw(st.booleans()),
+        dtype=draw(st.sampled_from([np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)])),
+        bn_opset=draw(st.sampled_from([7, 9, 14, 15])),
+        epsilon=draw(st.sampled_from([None, 1e-5, 1e-3, 0.1])),
+        spatial_size=spatial, seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def build_conv_bn(case: ConvCase) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(case.seed)
+    dt = case.dtype
+    c_in = case.groups * case.in_per_group
+    c_out = case.groups * case.out_per_group
+    w = rng.standard_normal((c_out, case.in_per_group, *case.kernel)).astype(dt)
+    inits = [tensor("W", w)]
+    conv_inputs = ["x", "W"]
+    if case.bias:
+        inits.append(tensor("B", rng.standard_normal(c_out).astype(dt)))
+        conv_inputs.append("B")
+    attrs: dict[str, object] = {"group": case.groups, "strides": list(case.strides),
+                                "dilations": list(case.dilations), "kernel_shape": list(case.kernel)}
+    if case.auto_pad:
+        attrs["auto_pad"] = case.auto_pad
+    else:
+        attrs["pads"] = list(case.pads or ())
+    stat_dt = np.float32 if (case.bn_opset >= 15 and dt == np.float16) else dt
+    inits += [
+        tensor("gamma", rng.uniform(0.5, 1.5, c_out).astype(stat_dt)),
+        tensor("beta", rng.standard_normal(c_out).astype(stat_dt)),
+        tensor("mean", rng.standard_normal(c_out).astype(stat_dt)),
+        tensor("var", rng.uniform(0.2, 2.0, c_out).astype(stat_dt)),
+    ]
+    bn_attrs = {} if case.epsilon is None else {"epsilon": case.epsilon}
+    nodes = [
+        helper.make_node("Conv", conv_inputs, ["conv_out"], name="conv", **attrs),
+        helper.make_node("BatchNormalization", ["conv_out", "gamma", "beta", "mean", "var"], ["y"],
+                         name="bn", **bn_attrs),
+    ]
+    et = NP_TO_ONNX[dt]
+    x_shape = [2, c_in, *case.spatial_size]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", et, x_shape)],
+        [helper.make_tensor_value_info("y", et, None)],
+        inits,
+        opset=max(case.bn_opset, 11),
+    )
+    if case.bn_opset < 9:  # opset 7 keeps Conv-1 and BN-7
+        model.opset_import[0].version = case.bn_opset
+    x = rng.standard_normal(x_shape).astype(dt)
+    return model, {"x": x}
+
+
+def _output_shape_known(model: onnx.ModelProto) -> onnx.ModelProto:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
+    return model
+
+
+@settings(max_examples=300)
+@given(conv_cases())
+def test_conv_bn_folds_and_matches(case: ConvCase) -> None:
+    model, feeds = build_conv_bn(case)
+    x = feeds["x"]
+    effective = [(k - 1) * d + 1 for k, d in zip(case.kernel, case.dilations, strict=True)]
+    if case.pads is not None and any(
+        x.shape[2 + i] + case.pads[i] + case.pads[i + case.rank] < effective[i] for i in range(case.rank)
+    ):
+        return  # empty output: not a valid Conv
+    if case.auto_pad == "VALID" and any(x.shape[2 + i] < effective[i] for i in range(case.rank)):
+        return
+    assume(runs_on_ort(model, feeds))
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    assert [p.output for p in result.folded] == ["y"]
+    assert result.skipped == []
+    folded = result.model
+    assert [o.name for o in folded.graph.output] == ["y"]
+    assert folded.opset_import == model.opset_import
+    assert folded.ir_version == model.ir_version
+    assert {t.name for t in folded.graph.initializer} == {n for n in folded.graph.node[0].input[1:]}
+    for t in folded.graph.initializer:
+        assert t.data_type == NP_TO_ONNX[case.dtype]
+    assert_same_outputs(model, folded, feeds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64])
+def test_folded_tensors_are_rounded_once_from_float64(dtype: type) -> None:
+    case = ConvCase(2, 1, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), None, True, np.dtype(dtype), 15, 1e-3,
+                    (5, 5), 7)
+    if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+        case.dtype = np.dtype(ml_dtypes.bfloat16)
+        case.bn_opset = 15
+    model, _ = build_conv_bn(case)
+    result = bnfold.fold(model, check=np.dtype(dtype) != np.dtype(ml_dtypes.bfloat16))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    conv = result.model.graph.node[0]
+    orig = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    scale = orig["gamma"] / np.sqrt(orig["var"] + float(np.float32(1e-3)))
+    expect_w = orig["W"] * scale[:, None, None, None]
+    expect_b = orig["B"] * scale + (orig["beta"] - orig["mean"] * scale)
+    from bnfold.folding import round_to
+
+    np.testing.assert_array_equal(init[conv.input[1]], round_to(expect_w, np.dtype(dtype), "w"))
+    np.testing.assert_array_equal(init[conv.input[2]], round_to(expect_b, np.dtype(dtype), "b"))
+
+
+def _bf16_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every bfloat16 tensor widened exactly to float32 (onnxruntime's CPU provider
+    has no bf16 Conv): the widened models compute the bf16 models' values in float32."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.BFLOAT16:
+            t.CopyFrom(tensor(t.name, onnx.numpy_helper.to_array(t).astype(np.float32)))
+    for v in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
+        if v.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    return out
+
+
+def test_bfloat16_conv_bn_fold_matches() -> None:
+    case = ConvCase(2, 2, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), None, True,
+                    np.dtype(ml_dtypes.bfloat16), 15, 1e-3, (5, 5), 3)
+    model, feeds = build_conv_bn(case)
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    assert all(t.data_type == TensorProto.BFLOAT16 for t in result.model.graph.initializer)
+    x32 = {"x": feeds["x"].astype(np.float32)}
+    expected = run_ort(_bf16_as_float32(model), x32)[0]
+    got = run_ort(_bf16_as_float32(result.model), x32)[0]
+    # folded weights carry bf16 rounding (8 bits of mantissa): compare at that precision
+    assert float(np.max(np.abs(expected - got))) <= 2**-7 * 4 * max(1.0, float(np.max(np.abs(expected))))
+
+
+# ---- refusals: one test each, asserting the reason -------------------------------------------------
+
+def _simple(**changes: object) -> ConvCase:
+    case = ConvCase(2, 1, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), None, True, np.dtype(np.float32), 15,
+                    None, (5, 5), 11)
+    for k, v in changes.items():
+        setattr(case, k, v)
+    return case
+
+
+def _only_skip(model: onnx.ModelProto, **kw: object) -> str:
+    result = bnfold.fold(model, **kw)  # type: ignore[arg-type]
+    assert result.folded == []
+    assert "BatchNormalization" in ops(result.model)
+    assert len(result.skipped) == 1
+    return result.skipped[0].reason
+
+
+def test_refuses_training_mode() -> None:
+    model, _ = build_conv_bn(_simple())
+    bn = model.graph.node[1]
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    assert "training_mode=1" in _only_skip(model, check=False)
+
+
+def test_refuses_extra_outputs() -> None:
+    model, _ = build_conv_bn(_simple(bn_opset=9))
+    bn = model.graph.node[1]
+    bn.output.extend(["rm", "rv"])
+    reason = _only_skip(model, check=False)
+    assert "extra outputs" in reason and "'rm'" in reason
+
+
+def test_refuses_non_constant_statistics() -> None:
+    model, _ = build_conv_bn(_simple())
+    init = [t for t in model.graph.initializer if t.name != "var"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(init)
+    model.graph.input.append(helper.make_tensor_value_info("var", TensorProto.FLOAT, [3]))
+    reason = _only_skip(model)
+    assert "variance 'var' is a graph input" in reason
+
+
+def test_refuses_weight_graph_input() -> None:
+    model, _ = build_conv_bn(_simple())
+    w = next(t for t in model.graph.initializer if t.name == "W")
+    init = [t for t in model.graph.initializer if t.name != "W"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(init)
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.dims)))
+    assert "'W' is a graph input" in _only_skip(model)
+
+
+def test_initializer_listed_as_input_refused_unless_flag() -> None:
+    model, feeds = build_conv_bn(_simple())
+    w = next(t for t in model.graph.initializer if t.name == "W")
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.dims)))
+    reason = _only_skip(model)
+    assert "also listed as a graph input" in reason and "--initializers-as-constants" in reason
+    result = bnfold.fold(model, initializers_as_constants=True)
+    assert ops(result.model) == ["Conv"]
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_refuses_conv_output_with_another_consumer() -> None:
+    model, _ = build_conv_bn(_simple())
+    model.graph.node.append(helper.make_node("Relu", ["conv_out"], ["r"], name="other"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 3, 5, 5]))
+    reason = _only_skip(model, clone=False)
+    assert "'conv_out'" in reason and ("also feeds Relu 'other'" in reason or "graph output" in reason)
+
+
+def test_refuses_conv_output_that_is_graph_output() -> None:
+    model, _ = build_conv_bn(_simple())
+    model.graph.output.append(helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [2, 3, 5, 5]))
+    assert "also a graph output" in _only_skip(model, clone=False)
+
+
+def test_refuses_fp16_overflow() -> None:
+    model, _ = build_conv_bn(_simple(dtype=np.dtype(np.float16)))
+    for t in model.graph.initializer:
+        if t.name == "var":
+            t.CopyFrom(tensor("var", np.full(3, 1e-9, np.float32)))
+        if t.name == "gamma":
+            t.CopyFrom(tensor("gamma", np.full(3, 5000.0, np.float32)))
+    reason = _only_skip(model)
+    assert "overflows float16" in reason
+
+
+def test_refuses_nan_statistics_and_non_positive_variance() -> None:
+    model, _ = build_conv_bn(_simple())
+    for t in model.graph.initializer:
+        if t.name == "mean":
+            t.CopyFrom(tensor("mean", np.array([0.0, np.nan, 1.0], np.float32)))
+    assert "mean 'mean' contains NaN or inf" in _only_skip(model)
+    model, _ = build_conv_bn(_simple(epsilon=1e-5))
+    for t in model.graph.initializer:
+        if t.name == "var":
+            t.CopyFrom(tensor("var", np.array([1.0, -1.0, 1.0], np.float32)))
+    assert "plus epsilon is not positive" in _only_skip(model)
+
+
+def test_negative_variance_with_large_epsilon_still_folds() -> None:
+    model, feeds = build_conv_bn(_simple(epsilon=0.5))
+    for t in model.graph.initializer:
+        if t.name == "var":
+            t.CopyFrom(tensor("var", np.array([0.1, -0.2, 0.0], np.float32)))
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_refuses_bn_after_non_linear_op() -> None:
+    model, _ = build_conv_bn(_simple())
+    model.graph.node.insert(1, helper.make_node("Relu", ["conv_out"], ["relu_out"], name="relu"))
+    model.graph.node[2].input[0] = "relu_out"
+    reason = _only_skip(model)
+    assert "comes from Relu 'relu'" in reason
+
+
+def test_refuses_bn_on_graph_input() -> None:
+    model, _ = build_conv_bn(_simple())
+    model.graph.node[1].input[0] = "x"
+    model.graph.node[1].output[0] = "y"
+    del model.graph.node[0]
+    model.graph.initializer.pop(0)
+    assert "'x' is a graph input" in _only_skip(model, check=False)
+
+
+def test_spatial0_per_channel_statistics_fold_and_per_position_refused() -> None:
+    model, feeds = build_conv_bn(_simple(bn_opset=7))
+    model.graph.node[1].attribute.append(helper.make_attribute("spatial", 0))
+    model.ir_version = 3
+    result = bnfold.fold(model, check=False)
+    assert "BatchNormalization" not in ops(result.model)
+    model2, _ = build_conv_bn(_simple(bn_opset=7))
+    model2.graph.node[1].attribute.append(helper.make_attribute("spatial", 0))
+    rng = np.random.default_rng(0)
+    for t in model2.graph.initializer:
+        if t.name in {"gamma", "beta", "mean", "var"}:
+            t.CopyFrom(tensor(t.name, rng.uniform(0.5, 1.0, (3, 5, 5)).astype(np.float32)))
+    assert "spatial=0" in _only_skip(model2, check=False)
+    assert feeds
+
+
+# ---- structure --------------------------------------------------------------------------------------
+
+def test_shared_weight_gets_private_copy() -> None:
+    model, feeds = build_conv_bn(_simple(bias=False))
+    model.graph.node.append(helper.make_node("Conv", ["x", "W"], ["other"], name="conv2", pads=[1, 1, 1, 1]))
+    model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [2, 3, 5, 5]))
+    result = bnfold.fold(model)
+    assert "BatchNormalization" not in ops(result.model)
+    conv2 = next(n for n in result.model.graph.node if n.name == "conv2")
+    assert conv2.input[1] == "W"
+    w_orig = next(t for t in model.graph.initializer if t.name == "W")
+    w_kept = next(t for t in result.model.graph.initializer if t.name == "W")
+    assert w_kept.SerializeToString() == w_orig.SerializeToString()
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_constant_node_parameters_fold_and_dead_constants_go() -> None:
+    model, feeds = build_conv_bn(_simple())
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_names_and_contract_preserved() -> None:
+    model, feeds = build_conv_bn(_simple())
+    model.doc_string = "doc"
+    model.producer_name = "unit"
+    helper.set_model_props(model, {"author": "me"})
+    model.graph.value_info.append(helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [2, 3, 5, 5]))
+    result = bnfold.fold(model)
+    out = result.model
+    assert out.doc_string == "doc" and out.producer_name == "unit"
+    assert [(p.key, p.value) for p in out.metadata_props] == [("author", "me")]
+    assert [i.SerializeToString() for i in out.graph.input] == [i.SerializeToString() for i in model.graph.input]
+    assert [o.SerializeToString() for o in out.graph.output] == [
+        o.SerializeToString() for o in model.graph.output]
+    assert all(v.name != "conv_out" for v in out.graph.value_info)
+    assert {t.name for t in out.graph.initializer}.isdisjoint({"W", "B", "gamma", "beta", "mean", "var"})
+    onnx.checker.check_model(out)
+    assert_same_outputs(model, out, feeds)
+
+
+def test_new_names_never_collide_with_numeric_names() -> None:
+    model, feeds = build_conv_bn(_simple())
+    rename = {"W": "1", "B": "2", "conv_out": "3", "gamma": "W_bnfold", "beta": "3_bnfold_bias"}
+    for t in model.graph.initializer:
+        t.name = rename.get(t.name, t.name)
+    for n in model.graph.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+    result = bnfold.fold(model)
+    names = [t.name for t in result.model.graph.initializer]
+    assert len(names) == len(set(names))
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_rerun_is_byte_identical_and_idempotent() -> None:
+    model, _ = build_conv_bn(_simple())
+    first = bnfold.fold(model).model.SerializeToString()
+    second = bnfold.fold(model).model.SerializeToString()
+    assert first == second
+    again = bnfold.fold(first)
+    assert again.folded == [] and again.skipped == []
+    assert again.model.SerializeToString() == first
+
+
+def test_input_model_not_mutated() -> None:
+    model, _ = build_conv_bn(_simple())
+    before = model.SerializeToString()
+    bnfold.fold(model)
+    assert model.SerializeToString() == before
+
+
+def test_chained_bn_bn_folds_in_two_rounds() -> None:
+    model, feeds = build_conv_bn(_simple())
+    model.graph.node[1].output[0] = "mid"
+    model.graph.node.append(helper.make_node("BatchNormalization", ["mid", "gamma", "beta", "mean", "var"], ["y"]))
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"] and len(result.folded) == 2
+    assert_same_outputs(model, result.model, feeds)
+
+
+def _if_model_with_conv_bn() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    inner, feeds = build_conv_bn(_simple())
+    then_graph = helper.make_graph(list(inner.graph.node), "then", [],
+                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                                   [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])
+    if_node = helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=then_graph,
+                               else_branch=else_graph)
+    model = make_model(
+        [if_node],
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), *inner.graph.input],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        list(inner.graph.initializer),
+    )
+    feeds["cond"] = np.array(True)
+    return model, feeds
+
+
+def test_bn_inside_if_branch_folds_with_outer_constants() -> None:
+    model, feeds = _if_model_with_conv_bn()
+    result = bnfold.fold(model)
+    then_ops = [n.op_type for n in result.model.graph.node[0].attribute[0].g.node]
+    assert "BatchNormalization" not in then_ops
+    assert result.folded[0].graph == "If 'branch'.then_branch"
+    assert {t.name for t in result.model.graph.initializer}.isdisjoint({"W", "gamma"})
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_graph_output_bn_hands_name_to_conv() -> None:
+    model, _ = build_conv_bn(_simple())
+    result = bnfold.fold(model)
+    assert result.model.graph.node[0].output[0] == "y"
