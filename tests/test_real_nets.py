@@ -1,0 +1,48 @@
+"""Real architectures built in code, exported through torch.onnx with BatchNormalization kept, folded:
+every BN left is explained, the outputs match the torch module and the original on onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_same_outputs, ops
+
+import bnfold
+
+torch = pytest.importorskip("torch")
+nets = pytest.importorskip("nets")
+
+# nets whose every BatchNormalization follows a Conv / ConvTranspose / Gemm / MatMul it owns
+FULLY_FOLDABLE = [
+    "resnet_basic", "resnet_bottleneck", "mobilenetv2_block", "efficientnet_mbconv", "regnet_block",
+    "mlp_bn1d", "decoder_convtranspose", "conv1d_net", "conv3d_net",
+]
+
+
+@pytest.mark.parametrize("name", sorted(nets.NETS))
+@pytest.mark.parametrize("opset", [11, 17])
+def test_exported_net_folds_and_matches(name: str, opset: int) -> None:
+    module, shape = nets.NETS[name]()
+    model = nets.export_keep_bn(module, shape, opset=opset)
+    assert nets.bn_nodes(model), "the export must keep BatchNormalization"
+    result = bnfold.fold(model)
+    left = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(left) == result.bn_after
+    assert {s.output for s in result.skipped if s.op_type == "BatchNormalization"} == {n.output[0] for n in left}
+    assert all(s.reason for s in result.skipped)
+    if name in FULLY_FOLDABLE and name != "decoder_convtranspose" and name != "mlp_bn1d":
+        assert left == [], [s.reason for s in result.skipped]
+    x = nets.example_input(shape).numpy()
+    feeds = {model.graph.input[0].name: x}
+    assert_same_outputs(model, result.model, feeds)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    got = nets.run_onnxruntime(result.model, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_shipped_resnet_mini_folds_completely() -> None:
+    result = bnfold.fold("models/resnet_mini.onnx")
+    assert "BatchNormalization" not in ops(result.model)
+    assert result.bn_before == 12 and len(result.folded) == 12
+    assert result.nodes_before - result.nodes_after == 12
