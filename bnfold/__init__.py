@@ -22,12 +22,22 @@ from bnfold.onnx_io import load_model as load
 from bnfold.onnx_io import save_model as save
 from bnfold.passes import FoldedPair, FoldResult, Skip
 from bnfold.rules.base import FoldOptions
+from bnfold.torchscript import (  # torch itself is imported only when these are called
+    TorchExportResult,
+    TorchFoldResult,
+    fold_torch,
+    fold_torchscript,
+    is_torchscript,
+    torchscript_to_onnx,
+)
+from bnfold.verify import Comparison, verify  # bnfold.verify is the function; see bnfold/verify/__init__.py
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadInputError",
     "BnfoldError",
+    "Comparison",
     "ExitCode",
     "FoldOptions",
     "FoldResult",
@@ -36,9 +46,16 @@ __all__ = [
     "MissingDependencyError",
     "OutputError",
     "Skip",
+    "TorchExportResult",
+    "TorchFoldResult",
     "VerificationFailedError",
     "__version__",
     "fold",
+    "fold_torch",
+    "fold_torchscript",
+    "is_torchscript",
     "load",
     "save",
+    "torchscript_to_onnx",
+    "verify",
 ]

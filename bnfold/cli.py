@@ -1,6 +1,7 @@
 """The ``bnfold`` command: parse, call one library function, render, exit with a documented code.
 
-``bnfold MODEL -o OUT`` is the main form (the ``fold`` verb is implied). Other verbs: ``rules``.
+``bnfold MODEL -o OUT`` is the main form (the ``fold`` verb is implied). Other verbs: ``rules``, ``verify``,
+``latency``.
 Errors are one line on stderr and an exit code from :class:`bnfold.errors.ExitCode`.
 """
 
@@ -46,6 +47,7 @@ def cli(ctx: click.Context, list_rules: bool) -> None:
     bnfold MODEL.onnx -o OUT.onnx      fold, verify, write (the default verb)
     bnfold rules                       list the rules and their refusal reasons
     bnfold latency A.onnx B.onnx       time B against A (CPU, CUDA), optional gate
+    bnfold verify A.onnx B.onnx        check that B computes what A computes; name the fold that broke
     """
     if list_rules:
         ctx.invoke(rules_cmd)
@@ -87,10 +89,10 @@ def _measure_latency(
     quiet: bool,
     **extra: Any,
 ) -> tuple[dict[str, Any], int, list[Any]]:
-    """Run bnfold.latency with a progress bar; returns (JSON, gate exit code, what to print)."""
+    """Run bnfold.latency() with a progress bar; returns (JSON, gate exit code, what to print)."""
     from rich.progress import Progress
 
-    from bnfold.latency import latency, render_gate, render_latency
+    from bnfold.timing import latency, render_gate, render_latency
 
     with Progress(console=_console(stderr=True), transient=True, disable=quiet) as progress:
         task = progress.add_task("latency", total=None)
@@ -181,6 +183,65 @@ def latency_cmd(
     return code
 
 
+def _verify_options(f: Any) -> Any:
+    """Verification options shared by `fold` and the `verify` verb (defined once; --shape is declared by each)."""
+    options = [
+        click.option("--rtol", type=click.FloatRange(min=0),
+                     help="Relative tolerance for float outputs (default by dtype: float32 1e-4, float16 1e-2, "
+                     "bfloat16 8e-2, float64 1e-9). Integer and bool outputs are compared exactly."),
+        click.option("--atol", type=click.FloatRange(min=0),
+                     help="Absolute tolerance for float outputs, taken literally (default by dtype: float32 1e-5, "
+                     "float16 1e-2, bfloat16 8e-2, float64 1e-10, each times max(1, max|original output|))."),
+        click.option("--inputs", "inputs_npz", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     metavar="FILE.npz", help="Real inputs, one array per input name (numpy.savez); replaces "
+                     "generated data for those inputs."),
+        click.option("--input-range", "input_ranges", multiple=True, metavar="NAME=LO,HI",
+                     help="Generate this input uniformly in [LO, HI), e.g. ids=0,30522 for token ids "
+                     "(integer inputs default to [0, 8), floats to N(0, 1)). Repeatable."),
+        click.option("--seeds", default="0,1,2", show_default=True, metavar="N,N,...",
+                     help="Seeds of the generated inputs: one comparison per seed and provider."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _verify_kwargs(
+    shapes: tuple[str, ...],
+    rtol: float | None,
+    atol: float | None,
+    inputs_npz: Path | None,
+    input_ranges: tuple[str, ...],
+    seeds: str,
+) -> dict[str, Any]:
+    """The verification options as keyword arguments of bnfold.verify.verify (usage errors: exit 2)."""
+    from bnfold.verify import parse_range_option, parse_shape_option
+
+    try:
+        parsed_shapes = dict(parse_shape_option(text, allow_bare=True) for text in shapes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shape") from exc
+    try:
+        ranges = dict(parse_range_option(text) for text in input_ranges)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--input-range") from exc
+    try:
+        seed_list = tuple(int(part) for part in seeds.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {seeds!r}",
+                                 param_hint="--seeds") from None
+    if not seed_list:
+        raise click.BadParameter("give at least one seed", param_hint="--seeds")
+    return {
+        "shapes": parsed_shapes or None,
+        "rtol": rtol,
+        "atol": atol,
+        "inputs": inputs_npz,
+        "input_ranges": ranges or None,
+        "seeds": seed_list,
+    }
+
+
 @cli.command("fold")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the folded model "
@@ -192,6 +253,17 @@ def latency_cmd(
 @click.option("--only", "only", multiple=True, metavar="RULE", help="Run only these rules (repeatable).")
 @click.option("--skip", "skip", multiple=True, metavar="RULE", help="Do not run these rules (repeatable).")
 @click.option("--no-check", is_flag=True, help="Do not run onnx.checker on the input and output.")
+@click.option("--shape", "shapes", multiple=True, metavar="[NAME=]DIMS",
+              help="Input shape for verification (and TorchScript export): x=1,3,224,224, a symbolic dim "
+              "N=8, or 1,3,224,224 for a single input (repeatable). Dynamic dims default to 1 (first) and 16; "
+              "TorchScript infers them from the first layer.")
+@click.option("--no-verify", is_flag=True, help="Skip the numerical check of the folded model.")
+@click.option("--force", is_flag=True, help="Write the folded model even when the check fails (exit code stays 4).")
+@_verify_options
+@click.option("--opset", type=click.IntRange(min=7), default=17, show_default=True,
+              help="TorchScript input with -o OUT.onnx: the ONNX opset to export to.")
+@click.option("--eval", "eval_mode", is_flag=True,
+              help="TorchScript input saved in training mode: put it in eval mode before folding.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--latency", "measure_latency", is_flag=True,
               help="Time the original and the folded model (see `bnfold latency --help`).")
@@ -205,11 +277,33 @@ def fold_cmd(
     only: tuple[str, ...],
     skip: tuple[str, ...],
     no_check: bool,
+    shapes: tuple[str, ...],
+    opset: int,
+    eval_mode: bool,
     quiet: bool,
     measure_latency: bool,
+    no_verify: bool,
+    force: bool,
+    rtol: float | None,
+    atol: float | None,
+    inputs_npz: Path | None,
+    input_ranges: tuple[str, ...],
+    seeds: str,
     **latency_opts: Any,
 ) -> int:
-    """Fold MODEL and write the result to -o OUT."""
+    """Fold MODEL and write the result to -o OUT.
+
+    MODEL may be ONNX or a TorchScript archive (recognised by content). TorchScript with -o OUT.onnx is
+    exported to ONNX (BatchNorm kept) and folded there; with any other suffix a TorchScript archive is
+    written, verified in torch.
+    """
+    from bnfold.torchscript import is_torchscript
+
+    if is_torchscript(model):
+        return _fold_torchscript(
+            model, output, report_path, dry_run, shapes, opset, eval_mode, quiet,
+            verify=not no_verify, force=force, rtol=rtol, atol=atol, seeds=seeds,
+        )
     from bnfold.api import fold
     from bnfold.onnx_io import load_model, save_model
     from bnfold.report import fold_report
@@ -229,8 +323,20 @@ def fold_cmd(
         skip=skip,
         check=not no_check,
     )
+    comparison = None
+    if not no_verify and result.folded:  # verified before anything is written
+        from bnfold.verify import verify
+
+        comparison = verify(
+            model if model.is_file() else original,  # a path: external data stays on disk
+            result.model,
+            fold_outputs=result.folded,
+            providers=list(latency_opts["providers"]) or None,
+            **_verify_kwargs(shapes, rtol, atol, inputs_npz, input_ranges, seeds),
+        )
+    failed = comparison is not None and not comparison.passed
     written = False
-    if not dry_run:
+    if not dry_run and (not failed or force):
         save_model(result.model, out_path)
         written = True
     report = fold_report(
@@ -243,15 +349,105 @@ def fold_cmd(
     )
     report["dry_run"] = dry_run
     shown: list[Any] = []
+    if comparison is not None:
+        from bnfold.verify import render_comparison
+
+        report["verification"] = comparison.to_dict()
+        if failed:
+            report["exit_code"] = int(ExitCode.VERIFY_FAILED)
+        if not quiet:
+            shown.append(render_comparison(comparison))
     if measure_latency or latency_opts["max_slowdown"] is not None:
-        report["latency"], gate_code, shown = _measure_latency(
+        report["latency"], gate_code, latency_shown = _measure_latency(
             {"original": original, "folded": result.model}, latency_opts, quiet
         )
+        shown += latency_shown
         if gate_code and not report.get("exit_code"):
             report["exit_code"] = gate_code
     code = _finish(report, report_path, quiet)
     for renderable in shown:
         _console().print(renderable)
+    if failed and comparison is not None:
+        outcome = "written anyway (--force)" if written else "nothing written (--force writes anyway)"
+        click.echo(f"bnfold: {comparison.summary}; {outcome}", err=True)
+    return code
+
+
+def _fold_torchscript(
+    model: Path,
+    output: Path | None,
+    report_path: Path | None,
+    dry_run: bool,
+    shapes: tuple[str, ...],
+    opset: int,
+    eval_mode: bool,
+    quiet: bool,
+    *,
+    verify: bool,
+    force: bool,
+    rtol: float | None,
+    atol: float | None,
+    seeds: str,
+) -> int:
+    """TorchScript in: -o *.onnx exports and runs the ONNX fold and check; else a TorchScript archive
+    checked in torch. A failed check writes nothing unless --force, and exits 4."""
+    from bnfold.errors import VerificationFailedError
+    from bnfold.report import fold_report
+    from bnfold.torchscript import fold_torchscript, fold_torchscript_to_onnx, parse_shapes
+    from bnfold.verify import Tolerances, render_comparison
+
+    try:
+        parsed = parse_shapes(shapes) if shapes else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shape") from exc
+    try:
+        seed_list = tuple(int(part) for part in seeds.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {seeds!r}",
+                                 param_hint="--seeds") from None
+    out_path = output if output is not None else model.with_name(f"{model.stem}.folded{model.suffix or '.pt'}")
+    dst = None if dry_run else out_path
+    to_onnx = out_path.suffix.lower() == ".onnx"
+    try:
+        if to_onnx:
+            outcome: Any = fold_torchscript_to_onnx(
+                model, dst, shapes=parsed, opset=opset, eval_mode=eval_mode, verify=verify, force=force,
+                rtol=rtol, atol=atol, seeds=seed_list or None,
+            )
+        else:
+            outcome = fold_torchscript(
+                model, dst, shapes=parsed, eval_mode=eval_mode, verify=verify, force=force,
+                tolerances=Tolerances(rtol, atol), seeds=seed_list or None,
+            )
+    except VerificationFailedError as exc:  # nothing written; report it like the ONNX path does
+        outcome = exc.result  # type: ignore[attr-defined]
+    comparison = outcome.comparison
+    written = outcome.path is not None
+    report = fold_report(
+        outcome.fold if to_onnx else outcome,
+        input_path=str(model),
+        output_path=None if dry_run else str(out_path),
+        written=written,
+        input_bytes=_file_bytes(model),
+        output_bytes=_file_bytes(out_path) if written else (
+            outcome.model.ByteSize() if to_onnx else len(outcome.archive)),
+        input_format="torchscript",
+    )
+    report["dry_run"] = dry_run
+    failed = comparison is not None and not comparison.passed
+    shown: list[Any] = []
+    if comparison is not None:
+        report["verification"] = comparison.to_dict()
+        if failed:
+            report["exit_code"] = int(ExitCode.VERIFY_FAILED)
+        if not quiet:
+            shown.append(render_comparison(comparison))
+    code = _finish(report, report_path, quiet)
+    for renderable in shown:
+        _console().print(renderable)
+    if failed:
+        outcome_text = "written anyway (--force)" if written else "nothing written (--force writes anyway)"
+        click.echo(f"bnfold: {comparison.summary}; {outcome_text}", err=True)
     return code
 
 
@@ -263,6 +459,48 @@ def _finish(report: dict[str, Any], report_path: Path | None, quiet: bool) -> in
         write_json(report, report_path)
     if not quiet:
         render_fold(_console(), report)
+    return code
+
+
+@cli.command("verify")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("folded", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--provider", "providers", multiple=True, metavar="NAME",
+              help="Execution provider: cpu, cuda (repeatable; default: CPU, plus CUDA when onnxruntime-gpu and "
+              "a GPU work). Each provider compares FOLDED with ORIGINAL on that same provider.")
+@click.option("--shape", "shapes", multiple=True, metavar="[NAME=]DIMS",
+              help="Input shape: x=1,3,224,224, a symbolic dim N=8, or 1,3,224,224 for a single input "
+              "(repeatable). Dynamic dims default to 1 (first) and 16.")
+@_verify_options
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def verify_cmd(
+    original: Path,
+    folded: Path,
+    providers: tuple[str, ...],
+    shapes: tuple[str, ...],
+    report_path: Path | None,
+    quiet: bool,
+    **verify_opts: Any,
+) -> int:
+    """Check that FOLDED computes what ORIGINAL computes (for instance a model folded by another tool).
+
+    Both run on onnxruntime with optimizations off, on the same inputs, for each provider and seed. Exits 4
+    when they differ, naming the first fold (a BatchNormalization output now written by another op) whose
+    output diverges.
+    """
+    from bnfold.report import write_json
+    from bnfold.verify import render_comparison, verify
+
+    comparison = verify(original, folded, providers=list(providers) or None, **_verify_kwargs(shapes, **verify_opts))
+    code = 0 if comparison.passed else int(ExitCode.VERIFY_FAILED)
+    if report_path is not None:
+        write_json({"schema": "bnfold.verify-report/1", "bnfold_version": __version__, "original": str(original),
+                    "folded": str(folded), "verification": comparison.to_dict(), "exit_code": code}, report_path)
+    if not quiet:
+        _console().print(render_comparison(comparison))
+    if not comparison.passed:
+        click.echo(f"bnfold: {comparison.summary}", err=True)
     return code
 
 

@@ -13,7 +13,7 @@ major version)::
       "folded":  [{"rule": str, "producer_op": str, "output": str, "norm_op": str, "graph": str}],
       "skipped": [{"output": str, "op_type": str, "reason": str, "graph": str}],
       "verification": object|null,     # bnfold.verify Comparison.to_dict()
-      "latency": object|null,          # bnfold.latency LatencyReport.to_dict()
+      "latency": object|null,          # bnfold.latency() LatencyReport.to_dict()
       "environment": {"python": str, "platform": str, "onnx": str, "onnxruntime": str, "numpy": str},
       "exit_code": int
     }

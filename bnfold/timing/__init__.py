@@ -1,0 +1,42 @@
+"""Latency of models on onnxruntime execution providers, with optimizations off and on, and a CI gate.
+
+``latency({"original": a, "folded": b})`` -> :class:`LatencyReport`; ``report.gate(1.02)`` ->
+:class:`GateResult`; ``render_latency(report)`` -> a rich Table; ``report.to_dict()`` -> JSON.
+
+Import submodules with ``from bnfold.timing import measure`` rather than ``bnfold.timing.measure``:
+``bnfold.timing`` (the attribute of the ``bnfold`` package) is the function.
+"""
+
+from __future__ import annotations
+
+from bnfold.timing.measure import ModelSource, ProgressCallback, latency
+from bnfold.timing.providers import CUDA_UNAVAILABLE_NOTE, LEVELS, MeasureConfig
+from bnfold.timing.render import render_gate, render_latency
+from bnfold.timing.result import (
+    ConfigResult,
+    GateCheck,
+    GateResult,
+    LatencyReport,
+    LatencySettings,
+    ModelMeasurement,
+)
+from bnfold.timing.stats import LatencyStats, Speedup
+
+__all__ = [
+    "CUDA_UNAVAILABLE_NOTE",
+    "LEVELS",
+    "ConfigResult",
+    "GateCheck",
+    "GateResult",
+    "LatencyReport",
+    "LatencySettings",
+    "LatencyStats",
+    "MeasureConfig",
+    "ModelMeasurement",
+    "ModelSource",
+    "ProgressCallback",
+    "Speedup",
+    "latency",
+    "render_gate",
+    "render_latency",
+]
