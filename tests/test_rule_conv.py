@@ -458,3 +458,12 @@ def test_graph_output_bn_hands_name_to_conv() -> None:
     model, _ = build_conv_bn(_simple())
     result = bnfold.fold(model)
     assert result.model.graph.node[0].output[0] == "y"
+
+
+def test_bn6_without_is_test_is_training_mode() -> None:
+    model, _ = build_conv_bn(_simple(bn_opset=7))
+    model.opset_import[0].version = 6
+    reason = _only_skip(model, check=False)
+    assert "is_test=0" in reason and "training mode" in reason
+    model.graph.node[1].attribute.append(helper.make_attribute("is_test", 1))
+    assert ops(bnfold.fold(model, check=False).model) == ["Conv"]

@@ -60,8 +60,10 @@ def bn_norm(ctx: FoldContext, idx: int) -> Norm | Skip:
 
     if _attr(node, "training_mode", 0):
         return skip(f"{view.describe(idx)} has training_mode=1: it normalizes with batch statistics")
-    if _attr(node, "is_test", 1) == 0:
-        return skip(f"{view.describe(idx)} has is_test=0 (training mode, opset < 7)")
+    # BatchNormalization-1 and -6 default to training (is_test=0); opset 7 removed the attribute
+    legacy = 0 < ctx.opset < 7
+    if _attr(node, "is_test", 0 if legacy else 1) == 0:
+        return skip(f"{view.describe(idx)} is in training mode (is_test=0, the default before opset 7)")
     extra = [o for o in node.output[1:] if o]
     if extra:
         return skip(
