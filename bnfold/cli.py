@@ -33,7 +33,28 @@ class _DefaultGroup(click.Group):
 
 
 def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    console = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    console.on_broken_pipe = _quiet_broken_pipe  # type: ignore[method-assign]  # `bnfold rules | head`
+    return console
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (``| head``): stop quietly with success, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(0)
+
+
+def _check_writable(path: Path | None) -> None:
+    """Fail early, before any output exists, when ``path`` cannot be written."""
+    from bnfold.errors import OutputError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: directory {path.parent} does not exist")
 
 
 @click.group(cls=_DefaultGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -252,6 +273,11 @@ def _verify_kwargs(
               help="Treat initializers also listed as graph inputs (IR < 4 models) as constants.")
 @click.option("--only", "only", multiple=True, metavar="RULE", help="Run only these rules (repeatable).")
 @click.option("--skip", "skip", multiple=True, metavar="RULE", help="Do not run these rules (repeatable).")
+@click.option("--no-clone", is_flag=True,
+              help="Never clone a producer whose output has other users (or is a graph output); such a "
+              "normalization is left with a reason instead.")
+@click.option("--max-clone-bytes", type=click.IntRange(min=0), default=1 << 20, show_default=True, metavar="N",
+              help="Largest extra weight (bytes of folded tensors) a clone of a shared producer may add.")
 @click.option("--no-check", is_flag=True, help="Do not run onnx.checker on the input and output.")
 @click.option("--shape", "shapes", multiple=True, metavar="[NAME=]DIMS",
               help="Input shape for verification (and TorchScript export): x=1,3,224,224, a symbolic dim "
@@ -276,6 +302,8 @@ def fold_cmd(
     initializers_as_constants: bool,
     only: tuple[str, ...],
     skip: tuple[str, ...],
+    no_clone: bool,
+    max_clone_bytes: int,
     no_check: bool,
     shapes: tuple[str, ...],
     opset: int,
@@ -299,13 +327,14 @@ def fold_cmd(
     """
     from bnfold.torchscript import is_torchscript
 
+    _check_writable(report_path)  # before anything is written: a bad --report must not leave a model behind
     if is_torchscript(model):
         return _fold_torchscript(
             model, output, report_path, dry_run, shapes, opset, eval_mode, quiet,
             verify=not no_verify, force=force, rtol=rtol, atol=atol, seeds=seeds,
         )
     from bnfold.api import fold
-    from bnfold.onnx_io import load_model, save_model
+    from bnfold.onnx_io import save_model
     from bnfold.report import fold_report
     from bnfold.rules import RULES
 
@@ -315,21 +344,28 @@ def fold_cmd(
             raise click.BadParameter(f"unknown rule {name!r}; known: {', '.join(sorted(known))}",
                                      param_hint="--only/--skip")
     out_path = output if output is not None else model.with_name(f"{model.stem}.folded{model.suffix or '.onnx'}")
-    original = load_model(model)
-    result = fold(
-        original,
+    result = fold(  # from the path: tensors read on demand, the output streamed to temporary names
+        model,
         initializers_as_constants=initializers_as_constants,
         only=only or None,
         skip=skip,
+        clone=not no_clone,
+        max_clone_bytes=max_clone_bytes,
         check=not no_check,
+        output=None if dry_run else out_path,
+        commit=False,
     )
+    staged = result.staged  # committed below once verified; removed at exit otherwise
+    if staged is not None:
+        click.get_current_context().call_on_close(staged.discard)
+    folded_model = staged.path if staged is not None else result.model
     comparison = None
     if not no_verify and result.folded:  # verified before anything is written
         from bnfold.verify import verify
 
         comparison = verify(
-            model if model.is_file() else original,  # a path: external data stays on disk
-            result.model,
+            model,  # paths: onnxruntime loads both models (and their external data) itself
+            folded_model,
             fold_outputs=result.folded,
             providers=list(latency_opts["providers"]) or None,
             **_verify_kwargs(shapes, rtol, atol, inputs_npz, input_ranges, seeds),
@@ -337,7 +373,10 @@ def fold_cmd(
     failed = comparison is not None and not comparison.passed
     written = False
     if not dry_run and (not failed or force):
-        save_model(result.model, out_path)
+        if staged is not None:
+            staged.commit()
+        else:
+            save_model(result.model, out_path)
         written = True
     report = fold_report(
         result,
@@ -345,7 +384,7 @@ def fold_cmd(
         output_path=None if dry_run else str(out_path),
         written=written,
         input_bytes=_file_bytes(model),
-        output_bytes=_file_bytes(out_path) if written else result.model.ByteSize(),
+        output_bytes=_file_bytes(out_path) if written else staged.nbytes if staged else result.model.ByteSize(),
     )
     report["dry_run"] = dry_run
     shown: list[Any] = []
@@ -359,7 +398,7 @@ def fold_cmd(
             shown.append(render_comparison(comparison))
     if measure_latency or latency_opts["max_slowdown"] is not None:
         report["latency"], gate_code, latency_shown = _measure_latency(
-            {"original": original, "folded": result.model}, latency_opts, quiet
+            {"original": model, "folded": staged.path if staged is not None else result.model}, latency_opts, quiet
         )
         shown += latency_shown
         if gate_code and not report.get("exit_code"):
@@ -578,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        err.print("bnfold: interrupted; nothing was written", markup=False)
+        err.print("bnfold: interrupted; no partial output was left behind", markup=False)
         sys.exit(ExitCode.INTERRUPTED)
     except BnfoldError as exc:
         err.print(f"bnfold: error: {exc}", markup=False)

@@ -4,6 +4,10 @@ are constants, which are graph inputs and outputs.
 Nodes are identified by their index in ``graph.node`` within one view, and across views by their
 output tensor names (node names may be empty or duplicated). A view never changes the graph; build a
 new one after every edit.
+
+Constants stored as external data (a model opened with ``bnfold.onnx_io.load_lazily``, or one with
+external data files) are read on demand through the view's ``data`` reader, one tensor at a time; only
+small values are cached, so a view over a model bigger than memory stays small.
 """
 
 from __future__ import annotations
@@ -11,17 +15,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["ConstantLookup", "GraphView", "subgraphs", "used_names"]
+__all__ = ["ConstantLookup", "GraphView", "TensorReader", "subgraphs", "used_names"]
 
 log = logging.getLogger(__name__)
 
 _GRAPH_ATTR = onnx.AttributeProto.GRAPH
 _GRAPHS_ATTR = onnx.AttributeProto.GRAPHS
+_CACHE_MAX_BYTES = 1 << 16
+"""Constant values up to this size are cached per view (statistics, biases); larger ones (weights) are
+decoded on each lookup, so that a round of folds does not keep every weight it read alive."""
+
+
+class TensorReader(Protocol):
+    """Reads a tensor stored as external data (see ``bnfold.tensor_store.TensorStore``)."""
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray: ...
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
@@ -72,11 +86,14 @@ class GraphView:
         parent: GraphView | None = None,
         path: str = "",
         initializers_as_constants: bool = False,
+        data: TensorReader | None = None,
     ) -> None:
         self.graph = graph
         self.parent = parent
         self.path = path
         self.initializers_as_constants = initializers_as_constants
+        self.data = data if data is not None or parent is None else parent.data
+        """Reads constants stored as external data; None when the model's tensors are all in memory."""
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self.graph_inputs: set[str] = {i.name for i in graph.input}
         self.graph_outputs: set[str] = {o.name for o in graph.output}
@@ -117,9 +134,13 @@ class GraphView:
     def constant(self, name: str) -> ConstantLookup:
         """The value of tensor ``name`` if it is a constant (initializer, ``Constant`` node, or a
         constant of an enclosing graph); otherwise why it is not."""
-        if name not in self._cache:
-            self._cache[name] = self._lookup(name)
-        return self._cache[name]
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        found = self._lookup(name)
+        if found.value is None or found.value.nbytes <= _CACHE_MAX_BYTES:
+            self._cache[name] = found
+        return found
 
     def constant_dtype(self, name: str) -> int | None:
         """ONNX element type of a constant tensor without decoding its data (None if unknown)."""
@@ -141,7 +162,7 @@ class GraphView:
                     "is an initializer that is also listed as a graph input, so a caller may override it "
                     "(IR < 4 style); pass --initializers-as-constants to treat it as a constant",
                 )
-            return ConstantLookup(_to_array(self.initializers[name]), origin="initializer")
+            return self._decode(self.initializers[name], "initializer")
         if name in self.graph_inputs:
             return ConstantLookup(None, "is a graph input, not a constant")
         idx = self.producer.get(name)
@@ -156,7 +177,7 @@ class GraphView:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:
-                    return ConstantLookup(_to_array(tensor), origin="Constant node")
+                    return self._decode(tensor, "Constant node")
                 return ConstantLookup(None, "is a Constant node of a kind bnfold does not read")
             return ConstantLookup(None, f"is computed at run time by {self.describe(idx)}")
         if self.parent is not None:
@@ -165,6 +186,16 @@ class GraphView:
                 return ConstantLookup(outer.value, origin=f"outer-scope {outer.origin}")
             return outer
         return ConstantLookup(None, "is not defined in the graph")
+
+    def _decode(self, tensor: onnx.TensorProto, origin: str) -> ConstantLookup:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if self.data is None:
+                return ConstantLookup(
+                    None, "is stored as external data that was not loaded (fold the model from its path, or "
+                    "load it with its external data)"
+                )
+            return ConstantLookup(self.data.read(tensor), origin=origin)
+        return ConstantLookup(_to_array(tensor), origin=origin)
 
 
 def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:

@@ -1,34 +1,55 @@
-"""Loading and saving ONNX models: every failure is one clear line, every write is atomic.
+"""Loading and saving ONNX models: every failure is one clear line, every write is atomic, and no
+step needs the model's tensor bytes in memory.
 
 * ``load_model`` takes a path, bytes or a ``ModelProto`` and checks that what it got is a model
   (``onnx.load`` of an empty or foreign file returns an empty model without complaint).
-* ``save_model`` writes to a temporary file beside the target and renames it into place, so an
-  interrupted run leaves no half-written file and ``-o`` equal to the input is safe. A model with
-  external data is saved with its data next to the output (``OUT.data``), never over the input's.
+* ``load_lazily`` reads a model file without its large tensors: they become external-data references
+  (to the model's own data files, or to their bytes inside the ``.onnx`` file) that a
+  :class:`~bnfold.tensor_store.TensorStore` reads on demand. ``materialize`` loads them.
+* ``save_model`` writes to temporary names beside the target and renames into place, so an interrupted
+  run leaves no half-written file and ``-o`` equal to the input is safe. ``stage_model`` /
+  :class:`StagedModel` stop before the rename: the staged model can be loaded by path (onnxruntime,
+  verification), then committed or discarded. Tensor bytes are streamed: file ranges are copied by the
+  kernel (``copy_file_range``), in-memory tensors written one at a time. A model with external data is
+  saved with its data next to the output (``OUT.data``), never over a file the input still uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import mmap
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
+from bnfold._protowire import WireError, scan_model
 from bnfold.errors import BadInputError, OutputError
+from bnfold.staging import StagedModel, checkable_copy, stage_model
+from bnfold.tensor_store import LAZY_MIN_BYTES, TensorStore, nbytes_of, set_external_ref
 
 __all__ = [
+    "LAZY_MIN_BYTES",
     "PROTOBUF_LIMIT",
+    "LazyModel",
     "ModelSource",
     "NameAllocator",
+    "StagedModel",
     "atomic_write_bytes",
+    "checkable_copy",
     "has_external_data",
+    "load_lazily",
     "load_model",
+    "materialize",
     "model_bytes",
     "save_model",
+    "stage_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,12 +57,15 @@ log = logging.getLogger(__name__)
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 PROTOBUF_LIMIT = 2**31 - 1
 _ZIP_MAGIC = b"PK\x03\x04"
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 def load_model(source: ModelSource) -> onnx.ModelProto:
     """Load an ONNX model (with its external data) from a path, bytes or a ``ModelProto``.
 
-    Raises ``BadInputError`` with a one-line message when the input is not a usable model.
+    From a path, the tensors are read one at a time into the parsed model (peak: the model once, not
+    the file's bytes plus a parsed copy). Raises ``BadInputError`` with a one-line message when the
+    input is not a usable model.
     """
     if isinstance(source, onnx.ModelProto):
         _check_is_model(source, "the given ModelProto")
@@ -50,6 +74,25 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         model = _parse(bytes(source), "the given bytes")
         _check_is_model(model, "the given bytes")
         return model
+    lazy = load_lazily(source)
+    materialize(lazy)
+    return lazy.proto
+
+
+@dataclass
+class LazyModel:
+    """A model read from a file without its large tensors (see :func:`load_lazily`)."""
+
+    proto: onnx.ModelProto
+    """The model; every initializer of at least ``LAZY_MIN_BYTES`` is an external-data reference."""
+    store: TensorStore
+    """Reads those references (resolved against the model file's folder)."""
+    path: Path
+    inline: bool
+    """True when the file held all its tensors itself (no external data files)."""
+
+
+def _readable_model_path(source: str | os.PathLike[str]) -> Path:
     path = Path(os.fspath(source))
     if not path.exists():
         raise BadInputError(f"{path}: no such file")
@@ -66,20 +109,59 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         raise BadInputError(
             f"{path}: is a zip archive (a TorchScript or PyTorch file?), not an ONNX model"
         )
+    return path
+
+
+def load_lazily(source: str | os.PathLike[str], *, min_bytes: int = LAZY_MIN_BYTES) -> LazyModel:
+    """Read the model file ``source`` leaving every main-graph initializer of at least ``min_bytes`` on
+    disk: its bytes inside the ``.onnx`` file, or its external data file, become an external-data
+    reference. Memory use is the graph's structure, not the model's size. Every reference is checked
+    (file present, range inside it, length matching the shape); raises ``BadInputError`` otherwise.
+    """
+    path = _readable_model_path(source)
     try:
-        model = onnx.load_model(os.fspath(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            model, lazy = scan_model(buf, min_bytes)
+    except (DecodeError, WireError, RuntimeWarning, ValueError) as exc:
         raise BadInputError(f"{path}: not an ONNX model (protobuf could not parse it)") from exc
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    inline = not has_external_data(model)
+    for item in lazy:
+        set_external_ref(item.tensor, path.name, item.offset, item.length)
     _check_is_model(model, str(path))
-    if has_external_data(model):
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            detail = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
-            raise BadInputError(f"{path}: external data could not be read ({detail})") from exc
-    return model
+    for item in lazy:
+        expected = nbytes_of(item.tensor)
+        if expected is not None and expected != item.length:
+            raise BadInputError(
+                f"{path}: invalid ONNX model (tensor '{item.tensor.name}' has {item.length} bytes of data; "
+                f"its shape {list(item.tensor.dims)} needs {expected})"
+            )
+    store = TensorStore(path.parent, model_path=path.resolve())
+    if not inline:
+        for tensor in _all_tensors(model):
+            if tensor.data_location == _EXTERNAL:
+                try:
+                    store.ref(tensor)
+                except (BadInputError, ValueError) as exc:  # ValueError: offset 'abc', a NUL in the location
+                    raise BadInputError(f"{path}: external data could not be read ({exc})") from exc
+    log.debug("%s: %d tensors left on disk", path, len(lazy))
+    return LazyModel(model, store, path, inline)
+
+
+def materialize(lazy: LazyModel) -> None:
+    """Read every tensor of ``lazy.proto`` that is on disk into memory (one tensor at a time)."""
+    for tensor in _all_tensors(lazy.proto):
+        if tensor.data_location == _EXTERNAL:
+            try:
+                lazy.store.materialize(tensor)
+            except (BadInputError, OSError) as exc:
+                detail = getattr(exc, "strerror", None) or str(exc)
+                raise BadInputError(f"{lazy.path}: external data could not be read ({detail})") from exc
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return list(onnx.external_data_helper._get_all_tensors(model))
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -100,6 +182,41 @@ def _check_is_model(model: onnx.ModelProto, what: str) -> None:
         raise BadInputError(f"{what}: not an ONNX model (no graph or no IR version)")
     if len(model.opset_import) == 0 and model.ir_version >= 3:
         raise BadInputError(f"{what}: invalid ONNX model (no opset_import)")
+    _check_tensors(model, what)
+
+
+_DECODE_CHECK_BYTES = 1 << 18
+"""Tensors declared at most this big are decoded once at load time (cheap: BN statistics, biases)."""
+
+
+def _check_tensors(model: onnx.ModelProto, what: str) -> None:
+    """Reject in-memory tensors that nothing can read: an element type that is not in the ONNX enum,
+    ``raw_data`` whose length does not match the declared shape (onnx.checker only sees tensors too
+    short, and bnfold's checker copy leaves large tensors out), or (small tensors, decoded here) any
+    other data that does not fit the shape. External-data tensors are checked where they are read."""
+    known = set(onnx.TensorProto.DataType.values())
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_type not in known:
+            raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' has unknown element type "
+                                f"{t.data_type})")
+        if (t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in _NOT_DECODED
+                or any(d < 0 for d in t.dims)):  # negative dims: onnx.checker says so, in its words
+            continue
+        nbytes = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if t.HasField("raw_data") and nbytes_of(t) is not None and len(t.raw_data) != nbytes:
+            raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' has {len(t.raw_data)} bytes of "
+                                f"data; its shape {list(t.dims)} needs {nbytes})")
+        if nbytes > _DECODE_CHECK_BYTES:
+            continue
+        try:
+            onnx.numpy_helper.to_array(t)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' of shape {list(t.dims)} "
+                                f"cannot be read: {detail})") from exc
+
+
+_NOT_DECODED = {onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING}
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -114,26 +231,23 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
-    """Write ``model`` to ``path`` atomically.
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    base_dir: str | os.PathLike[str] | TensorStore | None = None,
+) -> None:
+    """Write ``model`` to ``path`` atomically. The input ``model`` is not modified.
 
     ``external_data``: None chooses external data when the model does not fit one protobuf (2 GB);
-    the data then goes to ``<name>.data`` next to the output. The input ``model`` is not modified.
+    the data then goes to ``<name>.data`` next to the output. ``base_dir``: the folder (or a
+    :class:`~bnfold.tensor_store.TensorStore`) that the model's external-data references resolve
+    against; their bytes are copied into the output. Without it, references are written unchanged.
     """
-    target = Path(os.fspath(path))
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{target}: output directory {directory} does not exist")
-    if target.is_dir():
-        raise OutputError(f"{target}: is a directory")
-    use_external = external_data if external_data is not None else model.ByteSize() > PROTOBUF_LIMIT - 2**20
-    try:
-        if use_external:
-            _save_external(model, target)
-        else:
-            _atomic_write(target, model.SerializeToString())
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+    store = base_dir if isinstance(base_dir, TensorStore) or base_dir is None else TensorStore(base_dir)
+    with stage_model(model, path, external_data=external_data, store=store) as staged:
+        staged.commit()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -161,36 +275,13 @@ def _atomic_write(target: Path, data: bytes) -> None:
         raise
 
 
-def _save_external(model: onnx.ModelProto, target: Path) -> None:
-    """Model + one data file ``<target>.data``, both written to a temporary folder then renamed."""
-    data_name = f"{target.name}.data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(
-            copy,
-            str(tmpdir / target.name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-        os.replace(tmpdir / data_name, target.parent / data_name)
-        os.replace(tmpdir / target.name, target)
-    finally:
-        for leftover in tmpdir.iterdir():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-        with contextlib.suppress(OSError):
-            tmpdir.rmdir()
-
-
 class NameAllocator:
     """Fresh tensor names that collide with nothing in the model (any graph, any kind of name)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self._used: set[str] = set()
+        # the model's default-domain opset travels with the allocator into every FoldContext
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self._collect(model.graph)
         for f in model.functions:
             self._used.update(f.input)

@@ -1,6 +1,9 @@
 """The fold pass: match everything (read-only), plan, apply to a copy, clean up, check.
 
-``fold_onnx(model)`` never mutates ``model``. Within one graph it runs rounds until nothing more
+``fold_onnx(model)`` never mutates ``model``; ``fold_in_place(model)`` folds a model nobody else holds
+(one just loaded from a file) without copying it, reading tensors stored on disk through a
+:class:`~bnfold.tensor_store.TensorStore` and spilling the new large tensors to it, so that memory does
+not grow with the model. Within one graph it runs rounds until nothing more
 folds (``Conv -> BN -> BN`` folds in two rounds); within a round every normalization is matched
 against a read-only :class:`~bnfold.graph.GraphView`, accepted folds that touch disjoint nodes are
 applied together, and overlapping ones wait for the next round. Subgraphs (If / Loop / Scan bodies) are
@@ -9,6 +12,7 @@ folded the same way, with the enclosing graphs' constants visible.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,12 +22,13 @@ import onnx
 
 from bnfold.errors import BadInputError, BnfoldError
 from bnfold.graph import GraphView, subgraphs, used_names
-from bnfold.onnx_io import PROTOBUF_LIMIT, NameAllocator
-from bnfold.rules import select_rules
+from bnfold.onnx_io import NameAllocator, StagedModel, checkable_copy
+from bnfold.rules import affine, select_rules
 from bnfold.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
 from bnfold.rules.batchnorm import NEVER_FOLDABLE, bn_norm, is_op
+from bnfold.tensor_store import TensorStore
 
-__all__ = ["FoldOptions", "FoldResult", "FoldedPair", "Skip", "count_nodes", "fold_onnx"]
+__all__ = ["FoldOptions", "FoldResult", "FoldedPair", "Skip", "count_nodes", "fold_in_place", "fold_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ def _bn_source(ctx: FoldContext, idx: int) -> Norm | Skip | None:
     return bn_norm(ctx, idx) if is_op(node, "BatchNormalization") else None
 
 
-SOURCES: tuple[Source, ...] = (_bn_source,)
+SOURCES: tuple[Source, ...] = (_bn_source, affine.norm_source)
 """Where normalizations come from. Each returns a Norm to fold, a Skip to report, or None."""
 
 _PRODUCERS = "Conv, ConvTranspose, Gemm, MatMul"
@@ -63,6 +68,10 @@ class FoldResult:
     skipped: list[Skip] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
+    staged: StagedModel | None = None
+    """Set by ``bnfold.fold(..., output=PATH)``: the written model (``staged.path``, ``staged.data_files``,
+    ``staged.nbytes``), committed to PATH unless ``commit=False`` was passed. ``model`` is then the model
+    as written, its large tensors external-data references relative to ``staged.path``'s folder."""
 
     @property
     def changed(self) -> bool:
@@ -85,18 +94,51 @@ def count_nodes(graph: onnx.GraphProto) -> int:
 def fold_onnx(model: onnx.ModelProto, options: FoldOptions | None = None, *, check: bool = True) -> FoldResult:
     """Fold every foldable normalization of ``model`` into a copy; ``model`` is not modified."""
     options = options or FoldOptions()
-    try:
-        rules = select_rules(options.only, options.skip)
-    except ValueError as exc:
-        raise BnfoldError(str(exc)) from exc
+    rules = _rules(options)
     if check:
         _check(model, "input model", BadInputError)
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    return _fold(out, options, rules, check, None)
+
+
+def fold_in_place(
+    model: onnx.ModelProto,
+    options: FoldOptions | None = None,
+    *,
+    check: bool = True,
+    store: TensorStore | None = None,
+) -> FoldResult:
+    """Fold ``model`` itself, for a model nobody else holds (``result.model is model``).
+
+    ``store`` reads the tensors stored as external data (a model from ``onnx_io.load_lazily``); when it
+    has a spill file, every new large tensor goes there as soon as its fold is accepted.
+    """
+    options = options or FoldOptions()
+    rules = _rules(options)
+    if check:
+        _check(model, "input model", BadInputError)
+    return _fold(model, options, rules, check, store)
+
+
+def _rules(options: FoldOptions) -> tuple[ModuleType, ...]:
+    try:
+        return select_rules(options.only, options.skip)
+    except ValueError as exc:
+        raise BnfoldError(str(exc)) from exc
+
+
+def _fold(
+    out: onnx.ModelProto,
+    options: FoldOptions,
+    rules: tuple[ModuleType, ...],
+    check: bool,
+    store: TensorStore | None,
+) -> FoldResult:
     names = NameAllocator(out)
-    result = FoldResult(model=out, nodes_before=count_nodes(model.graph))
+    result = FoldResult(model=out, nodes_before=count_nodes(out.graph))
     orphans: set[str] = set()
-    _fold_graph(out.graph, None, "", names, options, rules, result, orphans)
+    _fold_graph(out.graph, None, "", names, options, rules, result, orphans, store)
     if result.folded:
         _remove_orphans(out.graph, orphans, options.initializers_as_constants)
         if check:
@@ -106,10 +148,10 @@ def fold_onnx(model: onnx.ModelProto, options: FoldOptions | None = None, *, che
 
 
 def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        return  # the checker needs a path for models over 2 GB; onnxruntime loads them later anyway
+    """onnx.checker on the graph: tensor bytes are left out (see ``onnx_io.checkable_copy``), so the
+    check costs the same for a 10 GB model as for its structure alone."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(checkable_copy(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{what} fails onnx.checker: {first}") from exc
@@ -124,12 +166,14 @@ def _fold_graph(
     rules: tuple[ModuleType, ...],
     result: FoldResult,
     orphans: set[str],
+    store: TensorStore | None = None,
 ) -> None:
+    keep = _spiller(store)
     while True:
         view = GraphView(graph, parent=parent, path=path,
-                         initializers_as_constants=options.initializers_as_constants)
-        ctx = FoldContext(view, names, options)
-        accepted, skips, deferred = _plan(ctx, rules)
+                         initializers_as_constants=options.initializers_as_constants, data=store)
+        ctx = FoldContext(view, names, options, opset=names.opset)
+        accepted, skips, deferred = _plan(ctx, rules, keep)
         if not accepted:
             break
         _apply(graph, accepted, orphans)
@@ -145,18 +189,44 @@ def _fold_graph(
         for attr_name, sub in subgraphs(node):
             sub_path = f"{path}/" if path else ""
             sub_path += f"{view.describe(idx)}.{attr_name}"
-            _fold_graph(sub, view, sub_path, names, options, rules, result, orphans)
+            _fold_graph(sub, view, sub_path, names, options, rules, result, orphans, store)
 
 
-def _plan(ctx: FoldContext, rules: tuple[ModuleType, ...]) -> tuple[list[Fold], list[Skip], int]:
-    """Match every normalization; accept folds whose nodes do not overlap an earlier accepted fold."""
+def _spiller(store: TensorStore | None) -> Callable[[Fold], Fold]:
+    """What ``_plan`` does with an accepted fold: with a spill file, its new large tensors move to disk."""
+    if store is None or store.spill_path is None:
+        return lambda fold: fold
+
+    def spill(fold: Fold) -> Fold:
+        return dataclasses.replace(fold, tensors=tuple(store.spill(t) for t in fold.tensors))
+
+    return spill
+
+
+_MALFORMED = (ArithmeticError, ValueError, IndexError, KeyError, TypeError)
+"""What reading a malformed node can raise. Matching only reads, so turning these into a refusal is safe."""
+
+
+def _plan(
+    ctx: FoldContext, rules: tuple[ModuleType, ...], keep: Callable[[Fold], Fold] = lambda fold: fold
+) -> tuple[list[Fold], list[Skip], int]:
+    """Match every normalization; accept folds whose nodes do not overlap an earlier accepted fold.
+    ``keep`` receives each accepted fold as it is accepted (and may move its new tensors to disk)."""
     accepted: list[Fold] = []
     skips: list[Skip] = []
     claimed: set[int] = set()
     deferred = 0
     for idx in range(len(ctx.view.graph.node)):
         for source in SOURCES:
-            norm = source(ctx, idx)
+            try:
+                norm = source(ctx, idx)
+            except _MALFORMED as exc:
+                node = ctx.view.node(idx)
+                log.warning("reading %s failed: %r", ctx.view.describe(idx), exc)
+                if node.op_type != "BatchNormalization":
+                    continue
+                norm = ctx.skip(node.output[0] if node.output else "", node.op_type,
+                                f"{ctx.view.describe(idx)} could not be read ({type(exc).__name__}: {exc})")
             if norm is None:
                 continue
             if isinstance(norm, Skip):
@@ -167,7 +237,7 @@ def _plan(ctx: FoldContext, rules: tuple[ModuleType, ...]) -> tuple[list[Fold], 
                 if outcome.touched & claimed:
                     deferred += 1
                 else:
-                    accepted.append(outcome)
+                    accepted.append(keep(outcome))
                     claimed |= outcome.touched
             elif isinstance(outcome, Skip):
                 skips.append(outcome)
@@ -178,7 +248,15 @@ def _plan(ctx: FoldContext, rules: tuple[ModuleType, ...]) -> tuple[list[Fold], 
 def _match(ctx: FoldContext, rules: tuple[ModuleType, ...], norm: Norm) -> Fold | Skip | None:
     first_skip: Skip | None = None
     for rule in rules:
-        outcome = rule.match(ctx, norm)
+        try:
+            outcome = rule.match(ctx, norm)
+        except _MALFORMED as exc:
+            # A malformed node (group=0, stride 0, inconsistent shapes) that a rule did not anticipate:
+            # matching only reads, so refusing this one fold is always safe. Logged for the bug report.
+            log.warning("rule %s failed on %s: %r", rule.NAME, norm.output, exc)
+            outcome = ctx.skip(norm.output, norm.op_type,
+                               f"rule '{rule.NAME}' could not analyse this pattern ({type(exc).__name__}: "
+                               f"{exc}); left unfolded")
         if isinstance(outcome, Fold):
             return outcome
         if isinstance(outcome, Skip) and first_skip is None:
@@ -256,10 +334,9 @@ def _remove_orphans(graph: onnx.GraphProto, candidates: set[str], drop_inputs: b
         t.name for t in graph.initializer
         if t.name in candidates and t.name not in live and (drop_inputs or t.name not in inputs)
     }
-    if dead_init:
-        keep_init = [t for t in graph.initializer if t.name not in dead_init]
-        del graph.initializer[:]
-        graph.initializer.extend(keep_init)
+    if dead_init:  # deleted where they are: rebuilding the list would copy every tensor's bytes
+        for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in dead_init]):
+            del graph.initializer[i]
         if drop_inputs:
             keep_inputs = [i for i in graph.input if i.name not in dead_init]
             del graph.input[:]

@@ -15,7 +15,7 @@ nets = pytest.importorskip("nets")
 # nets whose every BatchNormalization follows a Conv / ConvTranspose / Gemm / MatMul it owns
 FULLY_FOLDABLE = [
     "resnet_basic", "resnet_bottleneck", "mobilenetv2_block", "efficientnet_mbconv", "regnet_block",
-    "mlp_bn1d", "decoder_convtranspose", "conv1d_net", "conv3d_net",
+    "mlp_bn1d", "token_mlp_bn1d", "decoder_convtranspose", "conv1d_net", "conv3d_net",
 ]
 
 
@@ -30,7 +30,7 @@ def test_exported_net_folds_and_matches(name: str, opset: int) -> None:
     assert len(left) == result.bn_after
     assert {s.output for s in result.skipped if s.op_type == "BatchNormalization"} == {n.output[0] for n in left}
     assert all(s.reason for s in result.skipped)
-    if name in FULLY_FOLDABLE and name != "decoder_convtranspose" and name != "mlp_bn1d":
+    if name in FULLY_FOLDABLE:
         assert left == [], [s.reason for s in result.skipped]
     x = nets.example_input(shape).numpy()
     feeds = {model.graph.input[0].name: x}

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bnfold.rules import conv
+from bnfold.rules import affine, bn_conv, conv, conv_transpose, gemm, layout, matmul
 from bnfold.rules.base import RuleInfo
 
 __all__ = ["RULES", "rule_infos", "select_rules"]
 
-RULES: tuple[ModuleType, ...] = (conv,)
+RULES: tuple[ModuleType, ...] = (conv, conv_transpose, gemm, matmul, affine, layout, bn_conv)
+"""Producers first (a normalization folds backward into what computes its input); then the decomposed
+normalizations (``affine``: Mul/Add chains, found by its own source in ``passes.SOURCES``), the ones
+reached through layout ops, and last the forward fold into the following Conv (``bn_conv``)."""
 
 
 def rule_infos() -> list[RuleInfo]:

@@ -30,9 +30,12 @@ __all__ = [
     "Rule",
     "RuleInfo",
     "Skip",
+    "clone_refusal",
     "constant_or_skip",
     "new_tensor",
     "sole_consumer_skip",
+    "tensor_nbytes",
+    "unique_node_name",
 ]
 
 
@@ -106,6 +109,8 @@ class FoldContext:
     view: GraphView
     names: NameAllocator
     options: FoldOptions
+    opset: int = 0
+    """The model's default-domain (``ai.onnx``) opset version; 0 when unknown."""
 
     def skip(self, norm_output: str, op_type: str, reason: str) -> Skip:
         return Skip(output=norm_output, op_type=op_type, reason=reason, graph=self.view.path)
@@ -153,6 +158,36 @@ def sole_consumer_skip(ctx: FoldContext, producer: int, norm: Norm) -> Skip | No
     return None
 
 
+def clone_refusal(ctx: FoldContext, norm: Norm, conflict: Skip, extra_bytes: int) -> Skip | None:
+    """Whether a producer that has other users (``conflict``, from :func:`sole_consumer_skip`) may be
+    cloned: None when it may (``options.clone`` and ``extra_bytes`` within ``options.max_clone_bytes``),
+    else the Skip to report. The clone carries the folded weights and writes the normalization's output;
+    the original keeps its other users, so ``extra_bytes`` is the size of the new folded tensors."""
+    if not ctx.options.clone:
+        return ctx.skip(norm.output, norm.op_type, f"{conflict.reason}; cloning it is turned off")
+    limit = ctx.options.max_clone_bytes
+    if extra_bytes > limit:
+        return ctx.skip(
+            norm.output, norm.op_type,
+            f"{conflict.reason}; a clone carrying the folded weights would add {extra_bytes} bytes, more "
+            f"than the {limit} allowed (max_clone_bytes)",
+        )
+    return None
+
+
+def unique_node_name(view: GraphView, node: onnx.NodeProto) -> str:
+    """A name for a clone of ``node``: empty if the original has none, else one no node here uses."""
+    if not node.name:
+        return ""
+    taken = {n.name for n in view.graph.node}
+    base = f"{node.name}_bnfold_clone"
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 _BNFOLD_SUFFIX = re.compile(r"(_bnfold(_bias)?(_\d+)?)+(?=_bnfold(_bias)?$)")
 
 
@@ -164,7 +199,23 @@ def new_tensor(
     Raises ``RoundingError`` (the caller turns it into a Skip) on overflow or non-finite values.
     """
     rounded = round_to(values64, dtype, what)
-    return numpy_helper.from_array(rounded, ctx.names.fresh(_BNFOLD_SUFFIX.sub("", base)))
+    name = ctx.names.fresh(_BNFOLD_SUFFIX.sub("", base))
+    spill = getattr(ctx.view.data, "spill_array", None)  # a large model's store writes it to disk at once
+    spilled = spill(rounded, name) if spill is not None else None
+    return spilled if spilled is not None else numpy_helper.from_array(rounded, name)
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes ``tensor`` adds to the model: its serialized size, the same whether :func:`new_tensor` kept it
+    in memory or wrote its data to disk (a large model folded from its path)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor.ByteSize()
+    length = int(next((e.value for e in tensor.external_data if e.key == "length"), "0"))
+    header = onnx.TensorProto()
+    header.CopyFrom(tensor)
+    header.ClearField("external_data")
+    header.ClearField("data_location")
+    return header.ByteSize() + 1 + max(1, (length.bit_length() + 6) // 7) + length  # + raw_data field
 
 
 def rounding_skip(ctx: FoldContext, norm: Norm, exc: RoundingError) -> Skip:

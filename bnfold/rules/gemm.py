@@ -45,6 +45,7 @@ from bnfold.rules.base import (
     new_tensor,
     rounding_skip,
     sole_consumer_skip,
+    tensor_nbytes,
     unique_node_name,
 )
 from bnfold.rules.batchnorm import is_op
@@ -124,7 +125,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
     if conflict is not None:
-        refusal = clone_refusal(ctx, norm, conflict, b_new.ByteSize() + c_new.ByteSize())
+        refusal = clone_refusal(ctx, norm, conflict, tensor_nbytes(b_new) + tensor_nbytes(c_new))
         if refusal is not None:
             return refusal
     new_node = helper.make_node(

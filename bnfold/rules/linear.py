@@ -4,6 +4,11 @@ Conv, ConvTranspose (and any op whose output channel ``c`` is ``W``-slice ``c`` 
 same way: check the producer owns its output, read ``W`` and ``B`` as constants, scale ``W`` on the
 output-channel layout, fold the bias, round once, and rebuild the node writing the normalization's
 output. Only the weight layout differs, so each rule passes ``scale_weight`` and ``out_channels``.
+
+A producer whose output also feeds another node, or is a graph output, is cloned when
+``options.clone`` allows and the folded tensors fit in ``options.max_clone_bytes``: the clone (inserted
+just before the original) carries the folded weights and writes the normalization's output, the
+original is untouched and keeps its other users. Otherwise the fold is refused with the reason.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from bnfold.rules.base import (
     FoldContext,
     Norm,
     Skip,
+    clone_refusal,
     constant_or_skip,
     new_tensor,
     rounding_skip,
     sole_consumer_skip,
+    tensor_nbytes,
+    unique_node_name,
 )
 
 __all__ = ["fold_weight_bias"]
@@ -54,8 +62,8 @@ def fold_weight_bias(
             f"the channel axis (1) of {desc}"
         )
     conflict = sole_consumer_skip(ctx, producer, norm)
-    if conflict is not None:
-        return conflict
+    if conflict is not None and not ctx.options.clone:
+        return clone_refusal(ctx, norm, conflict, 0)
     if len(node.input) < 2 or not node.input[1]:
         return ctx.skip(norm.output, norm.op_type, f"{desc} has no weight input")
     w_name = node.input[1]
@@ -94,6 +102,10 @@ def fold_weight_bias(
                            f"{b_name or node.output[0]}_bnfold_bias", f"bias of {desc}")
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
+    if conflict is not None:
+        refusal = clone_refusal(ctx, norm, conflict, tensor_nbytes(w_new) + tensor_nbytes(b_new))
+        if refusal is not None:
+            return refusal
     new_node = onnx.NodeProto()
     new_node.CopyFrom(node)
     inputs = list(node.input)
@@ -105,6 +117,12 @@ def fold_weight_bias(
     del new_node.input[:]
     new_node.input.extend(inputs)
     new_node.output[0] = norm.output
+    if conflict is not None:
+        # the producer keeps its other users; a clone next to it writes the normalization's output
+        del new_node.output[1:]
+        new_node.name = unique_node_name(view, node)
+        return Fold(rule=rule, producer_op=node.op_type, norm=norm, replace={}, remove=norm.nodes,
+                    tensors=(w_new, b_new), insert_before={producer: (new_node,)})
     return Fold(
         rule=rule,
         producer_op=node.op_type,

@@ -54,6 +54,7 @@ from bnfold.rules.base import (
     new_tensor,
     rounding_skip,
     sole_consumer_skip,
+    tensor_nbytes,
     unique_node_name,
 )
 from bnfold.rules.batchnorm import is_op
@@ -187,7 +188,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
     if conflict is not None:
-        refusal = clone_refusal(ctx, norm, conflict, sum(t.ByteSize() for t in tensors))
+        refusal = clone_refusal(ctx, norm, conflict, sum(tensor_nbytes(t) for t in tensors))
         if refusal is not None:
             return refusal
 

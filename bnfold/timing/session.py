@@ -17,9 +17,9 @@ import onnx
 import onnxruntime as ort
 
 from bnfold.errors import BadInputError, BnfoldError
+from bnfold.onnx_io import load_model
 from bnfold.timing.inputs import InputSpec, model_inputs
 from bnfold.timing.providers import CPU, LEVELS, MeasureConfig, plan_configs
-from bnfold.onnx_io import load_model
 
 __all__ = [
     "BoundRunner",
