@@ -117,6 +117,8 @@ class TensorStore:
         known = self._paths.get(location)
         if known is not None:
             return known
+        if not isinstance(location, str):  # protobuf hands back bytes when the location is not UTF-8
+            raise BadInputError(f"external data location {location!r} is not valid UTF-8")
         path = Path(location)
         if path.is_absolute():
             if path in self._own:
@@ -137,6 +139,8 @@ class TensorStore:
         if not location:
             raise BadInputError(f"tensor {tensor.name!r}: external data without a location")
         path = self.path_of(location)
+        if path.exists() and not path.is_file():
+            raise BadInputError(f"tensor {tensor.name!r}: external data location {location!r} is not a regular file")
         try:
             size = path.stat().st_size
         except OSError as exc:

@@ -683,9 +683,6 @@ def _set_ref(model: onnx.ModelProto, name: str, key: str, value: str) -> None:
     entry.key, entry.value = key, value
 
 
-@pytest.mark.xfail(strict=True, raises=IsADirectoryError,
-                   reason="bnfold/tensor_store.py TensorStore.ref() accepts a location that is a directory; "
-                   "read_bytes() then raises IsADirectoryError")
 def test_external_data_location_that_is_a_directory(tmp_path: Path) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -719,9 +716,6 @@ def test_external_data_length_not_matching_the_shape(tmp_path: Path) -> None:
     assert "could not be read" in result.skipped[0].reason
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bnfold/tensor_store.py path_of(): a location that is not UTF-8 comes back from "
-                   "protobuf as bytes; Path(bytes) raises TypeError")
 def test_external_data_location_not_utf8(tmp_path: Path) -> None:
     src = _external(lambda d: None)(tmp_path)
     data = src.read_bytes()
