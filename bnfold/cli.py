@@ -20,6 +20,7 @@ from bnfold.errors import BnfoldError, ExitCode
 
 __all__ = ["cli", "main"]
 
+_TORCH_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
 _GROUP_OPTIONS = {"--help", "-h", "--version", "--rules"}
 
 
@@ -333,6 +334,10 @@ def fold_cmd(
             model, output, report_path, dry_run, shapes, opset, eval_mode, quiet,
             verify=not no_verify, force=force, rtol=rtol, atol=atol, seeds=seeds,
         )
+    if output is not None and output.suffix.lower() in _TORCH_SUFFIXES:
+        raise click.BadParameter(
+            f"{model} is an ONNX model; a TorchScript output ({output.suffix}) needs a TorchScript input. "
+            "Use an .onnx output.", param_hint="-o/--output")
     from bnfold.api import fold
     from bnfold.onnx_io import save_model
     from bnfold.report import fold_report

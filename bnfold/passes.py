@@ -141,6 +141,8 @@ def _fold(
     _fold_graph(out.graph, None, "", names, options, rules, result, orphans, store)
     if result.folded:
         _remove_orphans(out.graph, orphans, options.initializers_as_constants)
+        if 0 < out.ir_version < 4:
+            _list_initializers_as_inputs(out.graph)
         if check:
             _check(out, "folded model", BnfoldError)
     result.nodes_after = count_nodes(out.graph)
@@ -309,6 +311,17 @@ def _apply(graph: onnx.GraphProto, folds: list[Fold], orphans: set[str]) -> None
     graph.node.extend(nodes)
     for f in folds:
         graph.initializer.extend(f.tensors)
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too: list the folded tensors there."""
+    listed = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            _list_initializers_as_inputs(sub)
 
 
 def _remove_orphans(graph: onnx.GraphProto, candidates: set[str], drop_inputs: bool) -> None:

@@ -219,3 +219,13 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bnfold", "--version"], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0 and bnfold.__version__ in proc.stdout
+
+
+def test_cli_onnx_input_with_torchscript_output_is_usage_error(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = conv_bn_model()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "o.pt")], capsys)
+    assert code == ExitCode.USAGE and "TorchScript output" in err
+    assert not (tmp_path / "o.pt").exists()

@@ -467,3 +467,19 @@ def test_bn6_without_is_test_is_training_mode() -> None:
     assert "is_test=0" in reason and "training mode" in reason
     model.graph.node[1].attribute.append(helper.make_attribute("is_test", 1))
     assert ops(bnfold.fold(model, check=False).model) == ["Conv"]
+
+
+def test_ir3_model_with_initializers_as_constants_lists_folded_tensors_as_inputs() -> None:
+    model = onnx.load("models/legacy_ir3_bn.onnx")
+    assert model.ir_version == 3
+    left = bnfold.fold(model)
+    assert len(left.skipped) == 2 and all("--initializers-as-constants" in s.reason for s in left.skipped)
+    result = bnfold.fold(model, initializers_as_constants=True)
+    out = result.model
+    assert "BatchNormalization" not in ops(out) and out.ir_version == 3
+    inputs = {i.name for i in out.graph.input}
+    assert {t.name for t in out.graph.initializer} <= inputs
+    onnx.checker.check_model(out)
+    x = np.random.default_rng(0).standard_normal(
+        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    assert_same_outputs(model, out, {model.graph.input[0].name: x})
