@@ -359,7 +359,7 @@ def test_original_that_does_not_load_is_bad_input_in_one_line():
     with pytest.raises(BadInputError) as err:
         verify(orig, fold, **FAST)
     msg = str(err.value)
-    assert msg.startswith("onnxruntime cannot load the original model: Unsupported model IR version: 99")
+    assert msg.startswith("onnxruntime cannot load the original model") and "Unsupported model IR version: 99" in msg
     assert "\n" not in msg and "onnxruntime_src" not in msg
 
 

@@ -183,7 +183,11 @@ def _verify(
             s_orig = create_session(orig, provider, threads)
         except SessionError as exc:
             if provider == CPU:
-                raise BadInputError(f"onnxruntime cannot load the original model: {exc}") from None
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BadInputError(
+                    f"onnxruntime cannot load the original model, so the fold cannot be checked ({first}); "
+                    "fold without the check with --no-verify"
+                ) from None
             notes.append(f"{provider.removesuffix('ExecutionProvider')} not checked: {exc}")
             continue
         try:
