@@ -4,6 +4,8 @@
     >>> result = bnfold.fold("model.onnx")
     >>> result.folded, result.skipped          # what was folded, what was left and why
     >>> bnfold.save(result.model, "out.onnx")  # atomic write
+    >>> bnfold.verify("model.onnx", result.model)          # Comparison, truthy when it passes
+    >>> bnfold.latency({"original": "model.onnx", "folded": result.model}).gate(1.02)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bnfold.onnx_io import load_model as load
 from bnfold.onnx_io import save_model as save
 from bnfold.passes import FoldedPair, FoldResult, Skip
 from bnfold.rules.base import FoldOptions
+from bnfold.timing import GateResult, LatencyReport, latency
 from bnfold.torchscript import (  # torch itself is imported only when these are called
     TorchExportResult,
     TorchFoldResult,
@@ -43,6 +46,8 @@ __all__ = [
     "FoldResult",
     "FoldedPair",
     "GateFailedError",
+    "GateResult",
+    "LatencyReport",
     "MissingDependencyError",
     "OutputError",
     "Skip",
@@ -54,6 +59,7 @@ __all__ = [
     "fold_torch",
     "fold_torchscript",
     "is_torchscript",
+    "latency",
     "load",
     "save",
     "torchscript_to_onnx",

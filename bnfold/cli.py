@@ -7,6 +7,7 @@ Errors are one line on stderr and an exit code from :class:`bnfold.errors.ExitCo
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import click
 from rich.console import Console
 
 from bnfold import __version__
-from bnfold.errors import BnfoldError, ExitCode
+from bnfold.errors import BnfoldError, ExitCode, first_line
 
 __all__ = ["cli", "main"]
 
@@ -205,13 +206,28 @@ def latency_cmd(
     return code
 
 
+class _FiniteTolerance(click.FloatRange):
+    """A tolerance: a finite number >= 0 (click's FloatRange lets inf and nan through)."""
+
+    name = "tolerance"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+_FINITE_TOL = _FiniteTolerance(min=0)
+
+
 def _verify_options(f: Any) -> Any:
     """Verification options shared by `fold` and the `verify` verb (defined once; --shape is declared by each)."""
     options = [
-        click.option("--rtol", type=click.FloatRange(min=0),
+        click.option("--rtol", type=_FINITE_TOL,
                      help="Relative tolerance for float outputs (default by dtype: float32 1e-4, float16 1e-2, "
                      "bfloat16 8e-2, float64 1e-9). Integer and bool outputs are compared exactly."),
-        click.option("--atol", type=click.FloatRange(min=0),
+        click.option("--atol", type=_FINITE_TOL,
                      help="Absolute tolerance for float outputs, taken literally (default by dtype: float32 1e-5, "
                      "float16 1e-2, bfloat16 8e-2, float64 1e-10, each times max(1, max|original output|))."),
         click.option("--inputs", "inputs_npz", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -632,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(ExitCode.INTERNAL)
     except Exception as exc:  # a bug: still one line, with a hint for the report
         err.print(
-            f"bnfold: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            f"bnfold: internal error: {type(exc).__name__}: {first_line(exc)} "
             "(set BNFOLD_DEBUG=1 for a traceback; please report)",
             markup=False,
         )

@@ -29,6 +29,7 @@ __all__ = [
     "MissingDependencyError",
     "OutputError",
     "VerificationFailedError",
+    "first_line",
 ]
 
 
@@ -78,3 +79,9 @@ class MissingDependencyError(BnfoldError):
     """An optional dependency is required for this input or option."""
 
     exit_code = ExitCode.MISSING_DEPENDENCY
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -8,18 +8,28 @@ new one after every edit.
 Constants stored as external data (a model opened with ``bnfold.onnx_io.load_lazily``, or one with
 external data files) are read on demand through the view's ``data`` reader, one tensor at a time; only
 small values are cached, so a view over a model bigger than memory stays small.
+
+A tensor computed from constants by a deterministic op (``Expand``, ``Shape``, ``Reshape``, ``Cast``, ...:
+``bnfold.const_eval.PURE_OPS``) is a constant too, evaluated on first lookup under the view's opset: the
+dynamo exporter's zero bias ``Expand(CastLike(0, x), Shape(W)[:1])`` or a Reshape'd statistic reads as
+the value it always has. Inputs read only for their type need no value: ``Shape`` / ``Size`` of a graph
+input whose declared dimensions are all numbers (onnxruntime refuses a feed of any other shape; a
+``dim_param`` is never trusted) or of an initializer, and ``CastLike``'s target element type. Lookups
+walk the subgraph iteratively (no recursion limit) and cache per view like any other constant.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
+
+from bnfold import const_eval
 
 __all__ = ["ConstantLookup", "GraphView", "TensorReader", "subgraphs", "used_names"]
 
@@ -73,7 +83,10 @@ class ConstantLookup:
 
     value: np.ndarray | None
     why_not: str = ""
-    origin: str = ""  # "initializer", "Constant node", "outer-scope initializer", ...
+    origin: str = ""  # "initializer", "Constant node", "computed from constants by Expand 'e'", ...
+    cause: str = ""
+    """For a tensor computed at run time by a chain of evaluable ops: the first reason found down the
+    chain (``"'x' is a graph input, not a constant"``), carried so that a message names the root cause."""
 
 
 class GraphView:
@@ -87,6 +100,7 @@ class GraphView:
         path: str = "",
         initializers_as_constants: bool = False,
         data: TensorReader | None = None,
+        opset: int | None = None,
     ) -> None:
         self.graph = graph
         self.parent = parent
@@ -94,8 +108,11 @@ class GraphView:
         self.initializers_as_constants = initializers_as_constants
         self.data = data if data is not None or parent is None else parent.data
         """Reads constants stored as external data; None when the model's tensors are all in memory."""
+        self.opset = opset if opset is not None else (parent.opset if parent is not None else 0)
+        """The default-domain opset computed constants are evaluated under; 0 (unknown): none are."""
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self.graph_inputs: set[str] = {i.name for i in graph.input}
+        self._input_info: dict[str, onnx.ValueInfoProto] = {i.name: i for i in graph.input}
+        self.graph_inputs: set[str] = set(self._input_info)
         self.graph_outputs: set[str] = {o.name for o in graph.output}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -109,6 +126,7 @@ class GraphView:
             for name in sorted(reads):
                 self.consumers.setdefault(name, []).append(idx)
         self._cache: dict[str, ConstantLookup] = {}
+        self._declared: dict[str, onnx.TypeProto] | None = None
 
     # -- structure -------------------------------------------------------------------------------
     def node(self, idx: int) -> onnx.NodeProto:
@@ -132,15 +150,13 @@ class GraphView:
 
     # -- constants -------------------------------------------------------------------------------
     def constant(self, name: str) -> ConstantLookup:
-        """The value of tensor ``name`` if it is a constant (initializer, ``Constant`` node, or a
-        constant of an enclosing graph); otherwise why it is not."""
+        """The value of tensor ``name`` if it is a constant (initializer, ``Constant`` node, a constant of
+        an enclosing graph, or computed from constants by an op of ``const_eval.PURE_OPS``); otherwise
+        why it is not."""
         cached = self._cache.get(name)
         if cached is not None:
             return cached
-        found = self._lookup(name)
-        if found.value is None or found.value.nbytes <= _CACHE_MAX_BYTES:
-            self._cache[name] = found
-        return found
+        return self._resolve(name)
 
     def constant_dtype(self, name: str) -> int | None:
         """ONNX element type of a constant tensor without decoding its data (None if unknown)."""
@@ -153,6 +169,196 @@ class GraphView:
         if self.parent is not None and name not in self.graph_inputs and idx is None:
             return self.parent.constant_dtype(name)
         return None
+
+    def static_shape(self, name: str) -> tuple[int, ...] | str | None:
+        """The shape of ``name`` when the graph fixes it without values: an initializer's or a
+        ``Constant`` node's dims, or a graph input's declared dims when every one is a number (onnxruntime
+        refuses a feed of another shape; main graph only). A phrase when it is a graph input whose shape
+        is not fixed; None when nothing declares it (the caller may still compute the tensor's value)."""
+        view: GraphView | None = self
+        while view is not None:
+            vi = view._input_info.get(name)
+            if vi is not None:
+                if view.parent is not None:  # onnxruntime checks the main graph's feeds, not If/Loop bodies'
+                    return f"'{name}' is an input of a subgraph, set by the enclosing op at run time"
+                return _declared_dims(vi)
+            if name in view.initializers:
+                return tuple(int(d) for d in view.initializers[name].dims)
+            idx = view.producer.get(name)
+            if idx is not None:
+                node = view.graph.node[idx]
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                    tensor = _constant_node_tensor(node)
+                    return tuple(int(d) for d in tensor.dims) if tensor is not None else None
+                return None
+            view = view.parent
+        return None
+
+    def element_type(self, name: str) -> int | None:
+        """ONNX element type of tensor ``name`` without its value: from an initializer, a ``Constant``
+        node, a declared graph input / output / value_info type (onnxruntime rejects a model whose
+        declared types contradict its ops), or back through ops whose output has the type of an input
+        (Relu, Conv, Add, Reshape...) or a fixed one (Shape, Cast...). None when unknown."""
+        view = self
+        for _ in range(len(self.graph.node) + 64):  # bounded: a malformed graph may have cycles
+            if name in view.initializers:
+                return view.initializers[name].data_type
+            declared = view._declared_types().get(name)
+            if declared is not None:
+                return declared
+            idx = view.producer.get(name)
+            if idx is None:
+                if name in view.graph_inputs or view.parent is None:
+                    return None
+                view = view.parent
+                continue
+            node = view.graph.node[idx]
+            step = _type_source(node, name)
+            if isinstance(step, int) or step is None:
+                return step
+            name = step
+        return None
+
+    def _declared_types(self) -> dict[str, int]:
+        if self._declared is None:
+            self._declared = {
+                vi.name: vi.type.tensor_type.elem_type
+                for vi in [*self.graph.input, *self.graph.output, *self.graph.value_info]
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+            }
+        return self._declared
+
+    def _remember(self, name: str, found: ConstantLookup, local: dict[str, ConstantLookup]) -> None:
+        local[name] = found
+        if found.value is None or found.value.nbytes <= _CACHE_MAX_BYTES:
+            self._cache[name] = found
+
+    def _resolve(self, name: str) -> ConstantLookup:
+        """Look ``name`` up, evaluating the evaluable ops it is computed by in dependency order: an
+        explicit stack, so a long chain needs no deep recursion. Large intermediate values live only
+        for this call."""
+        local: dict[str, ConstantLookup] = {}
+
+        def known(n: str) -> ConstantLookup | None:
+            got = self._cache.get(n)
+            return got if got is not None else local.get(n)
+
+        stack, pending = [name], {name}
+        while stack:
+            n = stack[-1]
+            if known(n) is not None:
+                stack.pop()
+                pending.discard(n)
+                continue
+            idx = self._evaluable_producer(n)
+            if idx is None:
+                self._remember(n, self._lookup(n), local)
+                continue
+            nxt = self._next_input(idx, known)
+            if nxt is None or nxt in pending:  # all it needs is known (or a cycle): evaluate or refuse
+                for out, found in self._evaluate(idx, known).items():
+                    self._remember(out, found, local)
+                continue
+            stack.append(nxt)
+            pending.add(nxt)
+        found = known(name)
+        assert found is not None
+        return found
+
+    def _evaluable_producer(self, name: str) -> int | None:
+        if name in self.initializers or name in self.graph_inputs:
+            return None
+        idx = self.producer.get(name)
+        return idx if idx is not None and const_eval.is_pure(self.graph.node[idx]) else None
+
+    def _next_input(self, idx: int, known: Callable[[str], ConstantLookup | None]) -> str | None:
+        """The first input of node ``idx`` whose value is needed and not looked up yet; None when there
+        is none, or when one already looked up is not a constant (the node is then not one either)."""
+        node = self.graph.node[idx]
+        if node.op_type != "Identity" and not self.opset:
+            return None
+        for i, name in enumerate(node.input):
+            if not name or self._type_only(node, i, name) is not None:
+                continue
+            found = known(name)
+            if found is None:
+                return name
+            if found.value is None:
+                return None
+        return None
+
+    def _type_only(self, node: onnx.NodeProto, i: int, name: str) -> np.ndarray | str | None:
+        """For an input read only for its shape or element type: a placeholder carrying it, or a phrase
+        when it is provably not fixed; None when its value is needed (or must stand in for the type)."""
+        need = const_eval.TYPE_ONLY.get((node.op_type, i))
+        if need == "shape":
+            shape = self.static_shape(name)
+            if shape is None or isinstance(shape, str):
+                return shape
+            if any(d < 0 for d in shape):
+                return f"the declared shape {list(shape)} of '{name}' is invalid"
+            dtype = _np_dtype(self.element_type(name))
+            try:
+                return const_eval.placeholder(shape, dtype if dtype is not None else np.dtype(np.float32))
+            except ValueError:  # more elements than numpy can index
+                return f"the declared shape {list(shape)} of '{name}' is too large"
+        if need == "dtype":
+            elem = self.element_type(name)
+            dtype = _np_dtype(elem) if elem is not None else None
+            return const_eval.placeholder(None, dtype) if dtype is not None else None
+        return None
+
+    def _evaluate(self, idx: int, known: Callable[[str], ConstantLookup | None]) -> dict[str, ConstantLookup]:
+        """Every output of the evaluable node ``idx``: its value, or why it is computed at run time."""
+        node = self.graph.node[idx]
+        desc = self.describe(idx)
+        outs = [o for o in node.output if o]
+
+        def fail(cause: str) -> dict[str, ConstantLookup]:
+            return {o: ConstantLookup(None, f"is computed at run time by {desc} ({cause})", cause=cause)
+                    for o in outs}
+
+        if node.op_type == "Identity":  # exporters route shared or deduplicated parameters through it
+            inner = known(node.input[0]) if node.input and node.input[0] else None
+            if inner is None:
+                return fail("its input is missing or depends on its own output")
+            if inner.value is None:
+                return {o: inner for o in outs}
+            return {o: ConstantLookup(inner.value, origin=f"Identity of {inner.origin}") for o in outs}
+        if not self.opset:
+            return fail("the model's opset is unknown, so bnfold does not evaluate it")
+        inputs: list[np.ndarray | None] = []
+        for i, name in enumerate(node.input):
+            if not name:
+                inputs.append(None)
+                continue
+            typed = self._type_only(node, i, name)
+            if isinstance(typed, str):
+                return fail(typed)
+            if typed is not None:
+                inputs.append(typed)
+                continue
+            found = known(name)
+            need = const_eval.TYPE_ONLY.get((node.op_type, i))
+            if found is None:
+                return fail(f"its input '{name}' depends on its own output")
+            if found.value is None:
+                if need == "dtype":
+                    return fail(f"the element type of '{name}' is not declared in the graph")
+                if need == "shape":
+                    return fail(f"the shape of '{name}' is not known before run time: it {found.why_not}")
+                return fail(found.cause or f"it depends on '{name}', which {found.why_not}")
+            value = found.value
+            if need is not None:
+                value = const_eval.placeholder(value.shape if need == "shape" else None, value.dtype)
+            inputs.append(value)
+        try:
+            values = const_eval.evaluate(node, inputs, self.opset)
+        except const_eval.EvaluationError as exc:
+            log.debug("not evaluated: %s: %s", desc, exc)
+            return fail(str(exc))
+        origin = f"computed from constants by {desc}"
+        return {o: ConstantLookup(v, origin=origin) for o, v in zip(node.output, values, strict=False) if o}
 
     def _lookup(self, name: str) -> ConstantLookup:
         if name in self.initializers:
@@ -168,12 +374,6 @@ class GraphView:
         idx = self.producer.get(name)
         if idx is not None:
             node = self.graph.node[idx]
-            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
-                # exporters route shared or deduplicated parameters through Identity nodes
-                inner = self.constant(node.input[0])
-                if inner.value is not None:
-                    return ConstantLookup(inner.value, origin=f"Identity of {inner.origin}")
-                return inner
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:
@@ -215,3 +415,70 @@ def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 def _to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
+
+
+def _declared_dims(vi: onnx.ValueInfoProto) -> tuple[int, ...] | str:
+    """A graph input's declared shape when every dimension is a number, else why it is not fixed."""
+    if not vi.type.HasField("tensor_type"):
+        return f"graph input '{vi.name}' is not a tensor"
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return f"the shape of graph input '{vi.name}' is not declared"
+    for i, d in enumerate(tt.shape.dim):
+        if not d.HasField("dim_value"):
+            what = f"'{d.dim_param}'" if d.dim_param else "unknown"
+            return f"the shape of graph input '{vi.name}' is not fixed: dimension {i} is {what}"
+    return tuple(int(d.dim_value) for d in tt.shape.dim)
+
+
+def _np_dtype(elem: int | None) -> np.dtype | None:
+    if not elem:
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+_SAME_TYPE_AS_INPUT0 = frozenset({
+    "Identity", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Clip", "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min",
+    "Sum", "Mean", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Floor", "Ceil", "Round", "Sign", "Conv",
+    "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+    "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Gemm", "MatMul",
+    "Softmax", "LogSoftmax", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice",
+    "Split", "Gather", "GatherElements", "Expand", "Tile", "Pad", "Resize", "Upsample", "DepthToSpace",
+    "SpaceToDepth", "Dropout", "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "CumSum",
+})
+"""Ops whose first output has the element type of their first input (one type variable T for both)."""
+_INT64_OUT = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
+_BOOL_OUT = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not",
+                       "IsNaN", "IsInf"})
+
+
+def _type_source(node: onnx.NodeProto, output: str) -> int | str | None:
+    """Where ``output`` of ``node`` gets its element type: an ONNX type, the name of the input that has
+    the same type, or None when this does not know."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Constant":
+        tensor = _constant_node_tensor(node)
+        return tensor.data_type if tensor is not None else None
+    if op in _INT64_OUT:
+        return onnx.TensorProto.INT64
+    if op in _BOOL_OUT:
+        return onnx.TensorProto.BOOL
+    if op == "Cast":
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+    if op == "ConstantOfShape":
+        return next((a.t.data_type for a in node.attribute if a.name == "value"), onnx.TensorProto.FLOAT)
+    first_output = bool(node.output) and node.output[0] == output
+    if op == "CastLike" and first_output and len(node.input) > 1:
+        return node.input[1]
+    if op == "Where" and first_output and len(node.input) > 1:
+        return node.input[1]
+    if op in _SAME_TYPE_AS_INPUT0 and node.input and node.input[0] and (first_output or op == "Split"):
+        return node.input[0]
+    return None
+

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
 import onnx
 
-from bnfold.errors import BadInputError, BnfoldError
+from bnfold.const_eval import is_pure
+from bnfold.errors import BadInputError, BnfoldError, first_line
 from bnfold.graph import GraphView, subgraphs, used_names
 from bnfold.onnx_io import NameAllocator, StagedModel, checkable_copy
 from bnfold.rules import affine, select_rules
@@ -122,10 +124,8 @@ def fold_in_place(
 
 
 def _rules(options: FoldOptions) -> tuple[ModuleType, ...]:
-    try:
-        return select_rules(options.only, options.skip)
-    except ValueError as exc:
-        raise BnfoldError(str(exc)) from exc
+    """The selected rules; an unknown name is a caller's ValueError (the CLI checks names earlier)."""
+    return select_rules(options.only, options.skip)
 
 
 def _fold(
@@ -155,7 +155,7 @@ def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
     try:
         onnx.checker.check_model(checkable_copy(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise error(f"{what} fails onnx.checker: {first}") from exc
 
 
@@ -172,7 +172,7 @@ def _fold_graph(
 ) -> None:
     keep = _spiller(store)
     while True:
-        view = GraphView(graph, parent=parent, path=path,
+        view = GraphView(graph, parent=parent, path=path, opset=names.opset,
                          initializers_as_constants=options.initializers_as_constants, data=store)
         ctx = FoldContext(view, names, options, opset=names.opset)
         accepted, skips, deferred = _plan(ctx, rules, keep)
@@ -319,28 +319,18 @@ def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
     for t in graph.initializer:
         if t.name not in listed:
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    for node in graph.node:
-        for _, sub in subgraphs(node):
-            _list_initializers_as_inputs(sub)
+    # main graph only: a Loop / Scan / If body's inputs are its signature, not a list of initializers
 
 
 def _remove_orphans(graph: onnx.GraphProto, candidates: set[str], drop_inputs: bool) -> None:
-    """Drop initializers, Constant nodes and value_info that folds left unused (only those: tensors
-    that were dead before bnfold ran are not its business)."""
+    """Drop initializers, value_info, Constant nodes and nodes of evaluable ops (the constant subgraphs
+    that computed a folded parameter, ``const_eval.PURE_OPS``) that folds left unused. Only those:
+    ``candidates`` starts as the tensors of the nodes folds replaced or removed and grows by the inputs
+    of each node dropped here, so what was dead before bnfold ran is not its business."""
     for node in graph.node:
         for _, sub in subgraphs(node):
             _remove_orphans(sub, candidates, drop_inputs)
-    while True:
-        live = _reads(graph)
-        dead_consts = [
-            n for n in graph.node
-            if n.op_type == "Constant" and n.output and n.output[0] in candidates and n.output[0] not in live
-        ]
-        if not dead_consts:
-            break
-        keep = [n for n in graph.node if not any(n is d for d in dead_consts)]
-        del graph.node[:]
-        graph.node.extend(keep)
+    _remove_dead_nodes(graph, candidates)
     live = _reads(graph)
     inputs = {i.name for i in graph.input}
     dead_init = {
@@ -361,6 +351,40 @@ def _remove_orphans(graph: onnx.GraphProto, candidates: set[str], drop_inputs: b
         keep_vi = [v for v in graph.value_info if not (v.name in candidates and v.name not in defined)]
         del graph.value_info[:]
         graph.value_info.extend(keep_vi)
+
+
+def _remove_dead_nodes(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Drop Constant and evaluable-op nodes none of whose outputs is read, one of them a candidate,
+    consumers before producers (so a whole dead chain goes in one sweep); ``candidates`` grows by the
+    tensors of every node dropped."""
+    readers: Counter[str] = Counter(o.name for o in graph.output)
+    for node in graph.node:
+        readers.update({n for n in node.input if n})
+        for _, sub in subgraphs(node):
+            readers.update(used_names(sub))
+    dead: set[int] = set()
+    changed = True
+    while changed:  # one sweep suffices for a topologically sorted graph; more only for an unsorted one
+        changed = False
+        for idx in range(len(graph.node) - 1, -1, -1):
+            node = graph.node[idx]
+            outs = [o for o in node.output if o]
+            if idx in dead or not outs or not (node.op_type == "Constant" or is_pure(node)):
+                continue
+            if node.domain not in ("", "ai.onnx") or any(readers[o] for o in outs):
+                continue
+            if not any(o in candidates for o in outs):
+                continue
+            dead.add(idx)
+            changed = True
+            ins = {n for n in node.input if n}
+            readers.subtract(ins)
+            candidates.update(ins)
+            candidates.update(outs)
+    if dead:
+        keep = [n for i, n in enumerate(graph.node) if i not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def _reads(graph: onnx.GraphProto) -> set[str]:

@@ -340,3 +340,27 @@ def test_refuses_channel_axis_other_than_last() -> None:
     assert isinstance(outcome, Skip)
     assert "the normalization's channel axis -2 is not the column axis (-1) of MatMul 'mm'" in outcome.reason
 
+
+
+def test_bias_taller_than_a_stays_matmul_add_not_an_invalid_gemm() -> None:
+    """A [1, K] @ [K, N] + bias [M, 1] broadcasts to [M, N]: a Gemm with that C is invalid (review C1)."""
+    import numpy as np
+    from conftest import assert_same_outputs, make_model, ops, tensor
+    from onnx import helper
+
+    import bnfold
+
+    rng = np.random.default_rng(0)
+    k, n, m = 3, 4, 5
+    stats = [("s", rng.uniform(0.5, 1.5, n)), ("b", rng.standard_normal(n)), ("m", rng.standard_normal(n)),
+             ("v", rng.uniform(0.5, 2, n))]
+    inits = [tensor("B", rng.standard_normal((k, n)).astype(np.float32)),
+             tensor("bias", rng.standard_normal((m, 1)).astype(np.float32)),
+             *(tensor(name, v.astype(np.float32)) for name, v in stats)]
+    nodes = [helper.make_node("MatMul", ["a", "B"], ["t"]), helper.make_node("Add", ["t", "bias"], ["u"]),
+             helper.make_node("BatchNormalization", ["u", "s", "b", "m", "v"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("a", 1, [1, k])],
+                       [helper.make_tensor_value_info("y", 1, [m, n])], inits)
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["MatMul", "Add"]
+    assert_same_outputs(model, result.model, {"a": rng.standard_normal((1, k)).astype(np.float32)})

@@ -59,7 +59,7 @@ from bnfold.rules.base import (
 )
 from bnfold.rules.batchnorm import is_op
 from bnfold.rules.linear import FLOAT_TYPES
-from bnfold.rules.shapes import shape_of
+from bnfold.rules.shapes import Shape, shape_of
 
 __all__ = ["NAME", "match"]
 
@@ -94,6 +94,14 @@ def _legacy_broadcast(view: GraphView, nodes: list[int]) -> bool:
     must carry ``is_test=1`` (its default is training mode), and a broadcasting Add/Mul/Gemm-1/6
     carries ``broadcast``; none of these attributes exists from opset 7 on."""
     return any(a.name in _LEGACY_ATTRS for i in nodes for a in view.node(i).attribute)
+
+
+def _bias_fits_gemm(bias_dims: list[int], a_shape: Shape | None) -> bool:
+    """Gemm's C must broadcast to [M, N] without changing the output's shape: a bias with more rows than
+    A (``[1, K] @ B + [M', 1]``) makes MatMul + Add taller than a Gemm can be, so it stays an Add."""
+    if len(bias_dims) <= 1 or bias_dims[0] == 1:
+        return True
+    return len(bias_dims) == 2 and a_shape is not None and len(a_shape) == 2 and a_shape[0].value == bias_dims[0]
 
 
 def _rank(view: GraphView, name: str) -> int | None:
@@ -198,7 +206,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     legacy = {"broadcast": 1} if _legacy_broadcast(view, [mm, *with_add.nodes]) else {}
     if not with_bias:  # nothing to add: the MatMul itself writes the normalization's output
         new_nodes = [_copy_node(node, [node.input[0], b_new.name], norm.output, mm_name)]
-    elif a_rank == 2 and b.ndim == 2 and len(tensors[1].dims) <= 2:
+    elif a_rank == 2 and b.ndim == 2 and _bias_fits_gemm(list(tensors[1].dims), shape_of(view, node.input[0])):
         log.debug("%s with %s becomes one Gemm", desc, norm.op_type)
         gemm = helper.make_node("Gemm", [node.input[0], b_new.name, tensors[1].name], [norm.output],
                                 name=mm_name, **legacy)

@@ -3,8 +3,7 @@
 ``latency({"original": a, "folded": b})`` -> :class:`LatencyReport`; ``report.gate(1.02)`` ->
 :class:`GateResult`; ``render_latency(report)`` -> a rich Table; ``report.to_dict()`` -> JSON.
 
-Import submodules with ``from bnfold.timing import measure`` rather than ``bnfold.timing.measure``:
-``bnfold.timing`` (the attribute of the ``bnfold`` package) is the function.
+The package is ``bnfold.timing``; the function is re-exported as ``bnfold.latency``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BadInputError, MissingDependencyError
+from bnfold.errors import BadInputError, MissingDependencyError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,7 @@ def load_archive(data: bytes, what: str = "the archive") -> torch.jit.ScriptModu
         with quiet():
             return torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError / ValueError / pickle errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BadInputError(f"{what}: torch.jit.load failed: {first}") from exc
 
 

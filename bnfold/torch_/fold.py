@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BadInputError, VerificationFailedError
+from bnfold.errors import BadInputError, VerificationFailedError, first_line
 from bnfold.onnx_io import atomic_write_bytes
 from bnfold.passes import FoldedPair
 from bnfold.rules.base import Skip
@@ -152,7 +152,7 @@ def fold_torchscript(
         with quiet():
             frozen = torch.jit.freeze(work, preserved_attrs=methods, optimize_numerics=False)
     except Exception as exc:
-        raise BadInputError(f"{what}: torch.jit.freeze failed: {str(exc).strip().splitlines()[0]}") from exc
+        raise BadInputError(f"{what}: torch.jit.freeze failed: {first_line(exc)}") from exc
 
     seeds = (0, 1, 2) if seeds is None else tuple(int(x) for x in seeds)
     if not seeds:

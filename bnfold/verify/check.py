@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, first_line
 from bnfold.verify.compare import (
     Comparison,
     Environment,
@@ -183,7 +183,7 @@ def _verify(
             s_orig = create_session(orig, provider, threads)
         except SessionError as exc:
             if provider == CPU:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise BadInputError(
                     f"onnxruntime cannot load the original model, so the fold cannot be checked ({first}); "
                     "fold without the check with --no-verify"
