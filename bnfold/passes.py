@@ -139,6 +139,7 @@ def _fold(
     result = FoldResult(model=out, nodes_before=count_nodes(out.graph))
     orphans: set[str] = set()
     _fold_graph(out.graph, None, "", names, options, rules, result, orphans, store)
+    result.skipped.extend(_in_functions(out))
     if result.folded:
         _remove_orphans(out.graph, orphans, options.initializers_as_constants)
         if 0 < out.ir_version < 4:
@@ -147,6 +148,17 @@ def _fold(
             _check(out, "folded model", BnfoldError)
     result.nodes_after = count_nodes(out.graph)
     return result
+
+
+def _in_functions(model: onnx.ModelProto) -> Iterator[Skip]:
+    """Normalizations inside model-local functions: reported, not folded (a function's weights arrive as
+    its inputs, so they are not constants of the function body)."""
+    for f in model.functions:
+        for node in f.node:
+            if is_op(node, "BatchNormalization") or (node.domain in ("", "ai.onnx") and node.op_type in NEVER_FOLDABLE):
+                yield Skip(output=node.output[0] if node.output else "", op_type=node.op_type,
+                           reason=f"inside model-local function '{f.domain}:{f.name}': bnfold does not fold "
+                           "inside function bodies", graph=f"function {f.domain}:{f.name}")
 
 
 def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:

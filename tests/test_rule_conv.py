@@ -483,3 +483,16 @@ def test_ir3_model_with_initializers_as_constants_lists_folded_tensors_as_inputs
     x = np.random.default_rng(0).standard_normal(
         [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
     assert_same_outputs(model, out, {model.graph.input[0].name: x})
+
+
+def test_bn_inside_model_local_function_is_reported() -> None:
+    model, _ = build_conv_bn(_simple())
+    fn = helper.make_function("local", "ConvBn", ["x", "W", "gamma", "beta", "mean", "var"], ["y"],
+                              [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])],
+                              [helper.make_opsetid("", 15)])
+    model.functions.append(fn)
+    result = bnfold.fold(model, check=False)
+    inside = [s for s in result.skipped if s.graph == "function local:ConvBn"]
+    assert len(inside) == 1 and "model-local function" in inside[0].reason
+    assert [p.output for p in result.folded] == ["y"]
