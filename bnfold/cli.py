@@ -405,7 +405,7 @@ def fold_cmd(
         output_path=None if dry_run else str(out_path),
         written=written,
         input_bytes=_file_bytes(model),
-        output_bytes=_file_bytes(out_path) if written else staged.nbytes if staged else result.model.ByteSize(),
+        output_bytes=staged.nbytes if staged else _file_bytes(out_path) if written else result.model.ByteSize(),
     )
     report["dry_run"] = dry_run
     shown: list[Any] = []

@@ -11,7 +11,10 @@ step needs the model's tensor bytes in memory.
   :class:`StagedModel` stop before the rename: the staged model can be loaded by path (onnxruntime,
   verification), then committed or discarded. Tensor bytes are streamed: file ranges are copied by the
   kernel (``copy_file_range``), in-memory tensors written one at a time. A model with external data is
-  saved with its data next to the output (``OUT.data``), never over a file the input still uses.
+  saved with its data next to the output in ``OUT.<crc>.data``, named after its content (the CRC-32 of
+  its bytes), so the model's rename is the one commit point: the previous ``OUT`` keeps its own data
+  until it is replaced, and a rerun writes the same names. Data files only the previous ``OUT`` used are
+  deleted after that rename, never one the input uses (see :mod:`bnfold.staging`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
 from bnfold._protowire import WireError, scan_model
-from bnfold.errors import BadInputError, OutputError
+from bnfold.errors import BadInputError, OutputError, first_line
 from bnfold.staging import StagedModel, checkable_copy, stage_model
 from bnfold.tensor_store import LAZY_MIN_BYTES, TensorStore, nbytes_of, set_external_ref
 
@@ -211,7 +214,7 @@ def _check_tensors(model: onnx.ModelProto, what: str) -> None:
         try:
             onnx.numpy_helper.to_array(t)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc)
             raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' of shape {list(t.dims)} "
                                 f"cannot be read: {detail})") from exc
 
@@ -241,9 +244,11 @@ def save_model(
     """Write ``model`` to ``path`` atomically. The input ``model`` is not modified.
 
     ``external_data``: None chooses external data when the model does not fit one protobuf (2 GB);
-    the data then goes to ``<name>.data`` next to the output. ``base_dir``: the folder (or a
-    :class:`~bnfold.tensor_store.TensorStore`) that the model's external-data references resolve
-    against; their bytes are copied into the output. Without it, references are written unchanged.
+    the data then goes to ``<name>.<crc>.data`` next to the output (named after its content; the data
+    files only the previous model at ``path`` used are deleted once the new one is in place).
+    ``base_dir``: the folder (or a :class:`~bnfold.tensor_store.TensorStore`) that the model's
+    external-data references resolve against; their bytes are copied into the output. Without it,
+    references are written unchanged.
     """
     store = base_dir if isinstance(base_dir, TensorStore) or base_dir is None else TensorStore(base_dir)
     with stage_model(model, path, external_data=external_data, store=store) as staged:

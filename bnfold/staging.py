@@ -4,36 +4,55 @@
 (tensor bytes streamed into the protobuf, byte-identical to ``SerializeToString``) or a model file plus
 one data file. Tensor bytes come from the caller's in-memory tensors (one at a time) or from file ranges
 (external data, a lazily loaded model's own file, the spill file of a fold), copied by the kernel
-(``copy_file_range``). Everything is ``fsync``ed; :meth:`StagedModel.commit` renames the data files,
-then the model, into place. :func:`checkable_copy` gives ``onnx.checker`` the graph without the bytes.
+(``copy_file_range``). Everything is ``fsync``ed. :func:`checkable_copy` gives ``onnx.checker`` the graph
+without the bytes.
+
+Committing: renaming the model file is the one commit point. A data file is named after its content,
+``OUT.<crc>.data`` (``<crc>``: 8 hex digits, the CRC-32 of its bytes, computed while it is ``fsync``ed), so
+it never replaces a data file the previous ``OUT`` uses unless the bytes are the same (a rerun writes the
+same names, byte for byte). :meth:`StagedModel.commit` renames the data files into place (the old model
+still reads its own, intact), then the model; only then does it delete the data files the previous ``OUT``
+used and the new one does not (never a file the input model uses, unless ``OUT`` is the input). An
+interruption before the model is renamed leaves the previous ``OUT`` as it was (data files already moved
+are removed again); a crash (power loss, ``SIGKILL``) can leave an unreferenced data file behind: the
+new one if it came before the model's rename, the previous one if after. Either is harmless and can be
+deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import mmap
 import os
+import stat
 import tempfile
+import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from bnfold._protowire import GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD, field_header, split
-from bnfold.errors import BadInputError, OutputError
+from bnfold._protowire import GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD, field_header, scan_model, split
+from bnfold.errors import OutputError
 from bnfold.tensor_store import (
     ALIGN,
     ALIGN_MIN_BYTES,
     LAZY_MIN_BYTES,
     TensorStore,
     copy_header,
+    external_ref,
     nbytes_of,
     set_external_ref,
     write_all,
 )
 
 __all__ = ["INLINE_LIMIT", "Piece", "StagedModel", "checkable_copy", "stage_model"]
+
+log = logging.getLogger(__name__)
 
 INLINE_LIMIT = 2**31 - 1 - 2**20
 """Largest single-file model written (protobuf's 2 GB limit, with headroom); beyond it, external data."""
@@ -66,7 +85,8 @@ class StagedModel:
 
     ``path`` is the staged ``.onnx`` file: onnxruntime (or verification) can load it by path, its data
     files lie beside it under their final names. :meth:`commit` renames the data files, then the model,
-    into the target's folder; :meth:`discard` deletes everything. Used as a context manager, whatever
+    into the target's folder, then deletes the data files only the previous target used (see the module's
+    docstring); :meth:`discard` deletes everything. Used as a context manager, whatever
     was not committed is discarded on exit. ``model`` is the model as written, its large tensors as
     external-data references relative to ``path``'s folder (into the ``.onnx`` itself for an inline file).
     """
@@ -84,8 +104,10 @@ class StagedModel:
             raise OutputError(f"{self.target}: cannot write ({exc.strerror or exc})") from exc
         self.path = self.dir / self.target.name
         self.model: onnx.ModelProto | None = None
+        self.store: TensorStore | None = None
         self.data_files: list[str] = []
-        """Names of the data files written beside the model (empty for a single-file model)."""
+        """Names of the data files written beside the model (empty for a single-file model):
+        ``<target name>.<crc>.data``, named after their content."""
         self.nbytes = 0
         """Bytes written: the model file and its data files."""
         self.committed = False
@@ -108,6 +130,7 @@ class StagedModel:
         """Write ``model`` into the staging folder (once). ``model`` is not modified."""
         if self.model is not None:
             raise RuntimeError("a StagedModel is written once")
+        self.store = store
         try:
             light, sources = _light_copy(model, store)
             inline_size = _inline_size(light, sources)
@@ -141,7 +164,6 @@ class StagedModel:
         self.model = light
 
     def _write_external(self, light: onnx.ModelProto, sources: list[_Data | None], store: TensorStore | None) -> None:
-        data_name = _data_name(self.target, store, light)
         placed: list[tuple[onnx.TensorProto, Piece]] = []
         for tensor, data in zip(light.graph.initializer, sources, strict=True):
             if data is not None:
@@ -149,7 +171,8 @@ class StagedModel:
         if store is not None:
             placed += [(t, store.ref(t)) for t in _other_tensors(light) if t.data_location == _EXTERNAL]
         spill = _reusable_spill(self.dir, placed, store)
-        data_path = self.dir / data_name
+        data_path = self.dir / ".data"  # renamed once its content, hence its name, is known
+        refs: list[tuple[onnx.TensorProto, int, int]] = []
         if spill is not None:  # the folded tensors are already in a file here: it becomes the data file
             assert store is not None
             store.close()
@@ -158,7 +181,7 @@ class StagedModel:
             end = os.fstat(f.fileno()).st_size
             for tensor, piece in placed:
                 if isinstance(piece, tuple) and piece[0] == spill:
-                    set_external_ref(tensor, data_name, piece[1], piece[2])
+                    refs.append((tensor, piece[1], piece[2]))
                     continue
                 if isinstance(piece, _Data):
                     piece = piece.piece()
@@ -171,9 +194,13 @@ class StagedModel:
                     write_all(f, piece)
                 else:
                     copier.copy(piece, f)
-                set_external_ref(tensor, data_name, end, length)
+                refs.append((tensor, end, length))
                 end += length
-            os.fsync(f.fileno())
+            crc = _sync_and_crc32(f, data_path, end)
+        data_name = _data_name(self.target, crc, end)
+        os.replace(data_path, self.dir / data_name)
+        for tensor, offset, length in refs:
+            set_external_ref(tensor, data_name, offset, length)
         serialized = light.SerializeToString()
         with open(self.path, "wb", buffering=0) as f:
             write_all(f, serialized)
@@ -184,19 +211,53 @@ class StagedModel:
 
     # -- committing -------------------------------------------------------------------------------
     def commit(self) -> None:
-        """Rename the data files, then the model, into place (each rename atomic); remove the folder."""
+        """Rename the data files, then the model (the commit point), into place; remove the folder; delete
+        the data files that only the previous target used."""
         if self.model is None:
             raise RuntimeError("nothing was written")
-        directory = self.target.parent
+        directory = self.target.parent if str(self.target.parent) else Path(".")
+        previous = _data_files_of(self.target)  # read before anything is replaced
+        moved: list[Path] = []
         try:
             for name in self.data_files:
-                os.replace(self.dir / name, directory / name)
+                dest = directory / name
+                existed = os.path.lexists(dest)  # then the same bytes (named after them): nothing to undo
+                os.replace(self.dir / name, dest)
+                if not existed:
+                    moved.append(dest)
+            if moved:
+                _fsync_dir(directory)  # the data files' names reach the disk before the model's
             os.replace(self.path, self.target)
-        except OSError as exc:
-            raise OutputError(f"{self.target}: cannot write ({exc.strerror or exc})") from exc
+        except BaseException as exc:
+            for dest in moved:  # the previous model does not use them: the folder is as it was
+                with contextlib.suppress(OSError):
+                    dest.unlink()
+            if isinstance(exc, OSError):
+                raise OutputError(f"{self.target}: cannot write ({exc.strerror or exc})") from exc
+            raise
         self.committed = True
         self.path = self.target
         self._remove_dir()
+        if previous:
+            self._delete_unused(previous, directory)
+
+    def _delete_unused(self, previous: set[Path], directory: Path) -> None:
+        """Delete the files of ``previous`` (the previous target's data files) that neither the model now in
+        place nor, unless it was replaced in place, the input model uses."""
+        assert self.model is not None
+        keep = {p.resolve() for p in _data_files_of_model(self.model, directory)} | {self.target.resolve()}
+        store = self.store
+        if store is not None and not (store.model_path is not None and store.model_path == self.target.resolve()):
+            keep |= store.referenced_files()
+        for path in previous:
+            if path.resolve() in keep:
+                continue
+            try:
+                path.unlink()
+            except OSError as exc:  # the new model is in place: a file left behind is only disk space
+                log.debug("%s: could not delete %s (%s)", self.target, path, exc)
+            else:
+                log.debug("%s: deleted %s, which only the previous model used", self.target, path)
 
     def discard(self) -> None:
         """Delete the staged files (nothing at the target is touched)."""
@@ -372,23 +433,106 @@ def _placeholder(tensor: onnx.TensorProto) -> None:
     tensor.dims.append(0)
 
 
-def _data_name(target: Path, store: TensorStore | None, light: onnx.ModelProto) -> str:
-    """``<target>.data``, unless that would overwrite a file the input model still reads (then
-    ``<target>.1.data``, ...). Replacing the input model itself (``-o`` = input) may replace its data."""
-    used: set[Path] = set()
-    if store is not None:
-        for tensor in _all_tensors(light):
-            if tensor.data_location == _EXTERNAL:
-                with contextlib.suppress(BadInputError, OSError):
-                    used.add(store.ref(tensor)[0].resolve())
-        in_place = store.model_path is not None and target.resolve() == store.model_path
-        if in_place:
-            used.clear()
-    name, i = f"{target.name}.data", 0
-    while (target.parent / name).resolve() in used:
-        i += 1
-        name = f"{target.name}.{i}.data"
-    return name
+def _data_name(target: Path, crc: int, size: int) -> str:
+    """``<target>.<crc>.data``. A file of that name already beside the target holds the same bytes (a rerun);
+    when its size says otherwise (a CRC collision, about 1 in 4e9), the next name in a fixed sequence."""
+    digest = crc
+    while True:
+        name = f"{target.name}.{digest:08x}.data"
+        try:
+            existing = os.stat(target.parent / name)
+        except FileNotFoundError:
+            return name
+        if stat.S_ISREG(existing.st_mode) and existing.st_size == size:
+            return name
+        digest = zlib.crc32(digest.to_bytes(4, "little"), digest)
+
+
+_CRC_WINDOW = 1 << 24
+"""Bytes of the data file mapped at a time while it is checksummed (keeps the pages it maps out of the peak
+resident memory)."""
+
+
+def _sync_and_crc32(f: object, path: Path, size: int) -> int:
+    """``fsync`` the open file ``f`` (in a thread: the disk works while the CPU checksums) and return the
+    CRC-32 of the first ``size`` bytes of ``path`` (its pages are still in the page cache)."""
+    errors: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            os.fsync(f.fileno())  # type: ignore[attr-defined]
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    syncing = threading.Thread(target=sync, name="bnfold-fsync", daemon=True)
+    syncing.start()
+    try:
+        crc = 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(0, size, _CRC_WINDOW):
+                with _map_read(fd, min(_CRC_WINDOW, size - offset), offset) as window:
+                    crc = zlib.crc32(window, crc)  # releases the GIL
+        finally:
+            os.close(fd)
+    finally:
+        syncing.join()
+    if errors:
+        raise errors[0]
+    return crc
+
+
+def _map_read(fd: int, length: int, offset: int) -> mmap.mmap:
+    """A read-only map of ``length`` bytes of ``fd`` at ``offset``, its pages mapped in one go where the
+    platform can (``MAP_POPULATE``: faulting them in one at a time costs as much again as the checksum)."""
+    if hasattr(mmap, "MAP_POPULATE"):
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=offset)
+    return mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not every platform can open a folder
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _data_files_of(model_path: Path) -> set[Path]:
+    """The external data files the model file at ``model_path`` uses (within its folder); empty when there
+    is no such file, it cannot be read as a model, or it is a link (the model it names lives on after the
+    name is replaced, with its data): then nothing is deleted."""
+    try:
+        info = os.lstat(model_path)
+    except OSError:
+        return set()
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or info.st_size == 0:
+        return set()
+    try:
+        with model_path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            model, _ = scan_model(buf, LAZY_MIN_BYTES)
+    except Exception as exc:  # best effort: a file that is not a model has no data files to clean up
+        log.debug("%s: previous file not read as a model (%s)", model_path, exc)
+        return set()
+    return _data_files_of_model(model, model_path.parent if str(model_path.parent) else Path("."))
+
+
+def _data_files_of_model(model: onnx.ModelProto, directory: Path) -> set[Path]:
+    """The files that ``model``'s external-data references name, when they lie in ``directory``."""
+    found: set[Path] = set()
+    base = directory.resolve()
+    locations = {external_ref(t)[0] for t in _all_tensors(model) if t.data_location == _EXTERNAL}
+    for location in locations:
+        if not isinstance(location, str) or not location or "\0" in location:
+            continue
+        relative = Path(location)
+        if relative.is_absolute() or ".." in relative.parts:
+            continue
+        path = directory / relative
+        if base in path.resolve().parents and path.is_file():
+            found.add(path)
+    return found
 
 
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}

@@ -163,6 +163,14 @@ class TensorStore:
             )
         return path, offset, length
 
+    def referenced_files(self) -> set[Path]:
+        """Every file a reference resolved so far names, and the model file itself (all resolved): the
+        files of the input model, which a writer must not delete."""
+        files = {path.resolve() for path in self._paths.values()}
+        if self.model_path is not None:
+            files.add(self.model_path)
+        return files
+
     # -- reading ----------------------------------------------------------------------------------
     def read_bytes(self, tensor: onnx.TensorProto) -> bytes:
         path, offset, length = self.ref(tensor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,10 @@ def test_external_data_load_and_save_next_to_output(tmp_path: Path) -> None:
     out = tmp_path / "out" / "folded.onnx"
     out.parent.mkdir()
     bnfold.save(result.model, out, external_data=True)
-    assert (out.parent / "folded.onnx.data").exists()
+    written = onnx.load(out, load_external_data=False)
+    locations = {e.value for t in written.graph.initializer for e in t.external_data if e.key == "location"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["folded.onnx", *locations]
+    assert len(locations) == 1 and re.fullmatch(r"folded\.onnx\.[0-9a-f]{8}\.data", locations.pop())
     assert {p.name: sha(p) for p in src.parent.iterdir()} == before
     reloaded = onnx.load(out)
     assert_same_outputs(model, reloaded, feeds)
