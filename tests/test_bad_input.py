@@ -1,4 +1,4 @@
-"""The bad-input and fault catalogue (docs/errors.md): one test per entry.
+"""The bad-input and fault catalogue (README.md, "Exit codes and errors"): one test per entry.
 
 Every entry asserts: the documented exit code, one clear line on stderr (``bnfold: error: ...``, never a
 traceback), the input folder byte-for-byte unchanged, and the output folder exactly as it was (no partial
