@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
+from bnfold import runtime
 from bnfold.errors import BadInputError, ExitCode, GateFailedError, MissingDependencyError
 from bnfold.timing import (
     CUDA_UNAVAILABLE_NOTE,
@@ -30,7 +31,7 @@ from bnfold.timing import session as session_mod
 from bnfold.timing.inputs import InputSpec, plan_inputs
 from bnfold.timing.stats import bootstrap_ratio_ci, interleaved_schedule, split_runs, summarize
 
-CPU, CUDA = prov.CPU, prov.CUDA
+CPU, CUDA = runtime.CPU, runtime.CUDA
 FAST: dict[str, Any] = {"runs": 6, "warmup": 1, "rounds": 3, "creations": 1, "threads": 1, "resamples": 200}
 
 
@@ -138,8 +139,16 @@ def test_model_sources_paths_and_bytes(tmp_path: Any, pair: dict[str, onnx.Model
     onnx.save(pair["original"], path)
     rep = latency({"original": path, "folded": pair["folded"].SerializeToString()}, levels=["disable_all"], **FAST)
     assert rep.configs[0].models["folded"].run.n == 6
-    with pytest.raises(BadInputError, match="cannot read"):
+    with pytest.raises(BadInputError, match="no such file"):
         latency({"original": tmp_path / "missing.onnx"}, **FAST)
+
+
+def test_protos_over_the_limit_are_spilled(monkeypatch: pytest.MonkeyPatch, pair: dict[str, onnx.ModelProto]) -> None:
+    monkeypatch.setattr(runtime, "_PROTO_LIMIT", 100)  # pretend these models are over 2 GB
+    monkeypatch.setattr(runtime, "_SPILL_THRESHOLD", 16)
+    before = pair["original"].SerializeToString()
+    rep = latency(pair, levels=["disable_all"], **FAST)
+    assert rep.configs[0].models["folded"].run.n == 6 and pair["original"].SerializeToString() == before
 
 
 def test_different_inputs_refused() -> None:
@@ -148,7 +157,7 @@ def test_different_inputs_refused() -> None:
 
 
 def test_unloadable_model_is_bad_input() -> None:
-    with pytest.raises(BadInputError, match=r"model 'original'.*not an ONNX model"):
+    with pytest.raises(BadInputError, match=r"not an ONNX model.*\(model 'original'\)"):
         latency({"original": b"not a model"}, **FAST)
     broken = conv_model(False)
     broken.graph.node[0].op_type = "NoSuchOp"
@@ -208,21 +217,21 @@ def test_provider_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         probed.append(p)
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CPU])
-    assert prov.resolve_providers(None, ok) == ([CPU], [CUDA_UNAVAILABLE_NOTE])
+    assert runtime.resolve_providers(None, ok) == ([CPU], [CUDA_UNAVAILABLE_NOTE])
     assert probed == []
     with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
-        prov.resolve_providers(["cuda"], ok)
-    assert prov.resolve_providers("cpu", ok) == ([CPU], [])
+        runtime.resolve_providers(["cuda"], ok)
+    assert runtime.resolve_providers("cpu", ok) == ([CPU], [])
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
-    assert prov.resolve_providers("auto", ok) == ([CPU, CUDA], [])
-    assert prov.resolve_providers(["cuda", "CPUExecutionProvider", "cuda"], ok) == ([CUDA, CPU], [])
-    chosen, notes = prov.resolve_providers(None, lambda p: "libcudnn.so.9: cannot open shared object file")
-    assert chosen == [CPU] and "libcudnn" in notes[0] and "measured on CPU only" in notes[0]
+    assert runtime.resolve_providers("auto", ok) == ([CPU, CUDA], [])
+    assert runtime.resolve_providers(["cuda", "CPUExecutionProvider", "cuda"], ok) == ([CUDA, CPU], [])
+    chosen, notes = runtime.resolve_providers(None, lambda p: "libcudnn.so.9: cannot open shared object file")
+    assert chosen == [CPU] and "libcudnn" in notes[0] and "ran on CPU only" in notes[0]
     with pytest.raises(MissingDependencyError, match="libcudnn"):
-        prov.resolve_providers(["cuda"], lambda p: "libcudnn missing")
+        runtime.resolve_providers(["cuda"], lambda p: "libcudnn missing")
     with pytest.raises(ValueError, match="unknown execution provider"):
-        prov.resolve_providers(["gpu"], ok)
+        runtime.resolve_providers(["gpu"], ok)
 
 
 def test_cuda_listed_but_not_working_falls_back(
@@ -232,7 +241,7 @@ def test_cuda_listed_but_not_working_falls_back(
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
     rep = latency(pair, levels=["disable_all"], **FAST)
     assert rep.settings.providers == (CPU,)
-    assert "could not run on it" in rep.notes[0] and "measured on CPU only" in rep.notes[0]
+    assert "could not run on it" in rep.notes[0] and "ran on CPU only" in rep.notes[0]
 
 
 def test_plan_configs() -> None:
@@ -247,9 +256,9 @@ def test_plan_configs() -> None:
     ]
     assert cfgs[3].label == "CUDA / disable_all / with copies" and cfgs[2].label == "CUDA / disable_all / I/O bound"
     assert [c.io for c in prov.plan_configs([CUDA], ["basic"], io_binding=False)] == ["copies"]
-    assert prov.normalize_level(onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) == "extended"
+    assert runtime.normalize_level(onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) == "extended"
     with pytest.raises(ValueError):
-        prov.normalize_level("fast")
+        runtime.normalize_level("fast")
 
 
 class _FakeBinding:
@@ -306,7 +315,7 @@ def test_cuda_runner_binds_on_device(monkeypatch: pytest.MonkeyPatch) -> None:
     session = _FakeSession()
     measure_mod.make_runner(session, feeds, copies_cfg)()  # type: ignore[arg-type]
     assert session.log == [("run", ("y",), ("x",))]
-    assert session_mod.provider_list(bound_cfg) == [(CUDA, {"device_id": "1"}), CPU]
+    assert runtime.provider_chain(CUDA, session_mod.provider_options(bound_cfg)) == [(CUDA, {"device_id": "1"}), CPU]
 
 
 # ------------------------------------------------------------------------------------------ the gate

@@ -18,7 +18,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.errors import BadInputError
+from bnfold import runtime
+from bnfold.errors import BadInputError, ExitCode, MissingDependencyError
+from bnfold.runtime import clean_ort_message
 from bnfold.verify import (
     Comparison,
     Tolerances,
@@ -29,9 +31,7 @@ from bnfold.verify import (
     parse_shape_option,
     verify,
 )
-from bnfold.verify import runner as runner_mod
 from bnfold.verify.feeds import model_inputs, plan_feeds
-from bnfold.verify.runner import clean_ort_message
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -566,15 +566,32 @@ def test_bfloat16_inputs_and_outputs():
 # ---------------------------------------------------------------- providers
 
 
-@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine has CUDA")
-def test_cuda_not_available_says_so_plainly():
+def test_cuda_not_available_says_so_plainly(monkeypatch):
+    """Default providers: CPU and a plain note. CUDA named explicitly: an error, as for latency."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     result = verify(*two_convs(), seeds=(0,), **FAST)
-    assert result.providers == (CPU,)
-    assert any(n.startswith("CUDA not checked: onnxruntime") and "onnxruntime-gpu" in n for n in result.notes)
-    asked = verify(*two_convs(), providers=["cpu", "cuda"], seeds=(0,), **FAST)
-    assert any(n.startswith("CUDA was requested but not checked") for n in asked.notes)
+    assert result.providers == (CPU,) and result.notes == (runtime.CUDA_UNAVAILABLE_NOTE,)
+    with pytest.raises(MissingDependencyError, match=r"CUDAExecutionProvider is not available.*onnxruntime-gpu"):
+        verify(*two_convs(), providers=["cpu", "cuda"], seeds=(0,), **FAST)
     cpu_only = verify(*two_convs(), providers=["cpu"], seeds=(0,), **FAST)
     assert cpu_only.notes == ()
+    with pytest.raises(ValueError, match="unknown execution provider 'gpu'"):
+        verify(*two_convs(), providers=["gpu"], seeds=(0,), **FAST)
+
+
+def test_cli_provider_errors(tmp_path: Path, monkeypatch, capsys):
+    """``--provider`` means the same in verify and latency: missing -> exit 7, unknown name -> exit 2."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    orig, fold = two_convs()
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(orig, a)
+    onnx.save(fold, b)
+    assert _cli(["verify", str(a), str(b), "-q", "--provider", "cuda"]) == ExitCode.MISSING_DEPENDENCY
+    assert "CUDAExecutionProvider is not available" in capsys.readouterr().err
+    assert _cli(["verify", str(a), str(b), "-q", "--provider", "gpu"]) == ExitCode.USAGE
+    assert "unknown execution provider 'gpu'" in capsys.readouterr().err
+    latency_args = ["latency", str(a), str(b), "-q", "--runs", "1", "--rounds", "1", "--shape", "x=1,3,8,8"]
+    assert _cli([*latency_args, "--provider", "cuda"]) == ExitCode.MISSING_DEPENDENCY
 
 
 def test_cuda_listed_but_not_starting_is_left_out(monkeypatch):
@@ -585,13 +602,15 @@ def test_cuda_listed_but_not_starting_is_left_out(monkeypatch):
         def __init__(self, model, options, providers):
             super().__init__(model, options, providers=[CPU])
 
-    monkeypatch.setattr(runner_mod.ort, "InferenceSession", FallsBack)
+    monkeypatch.setattr(runtime.ort, "InferenceSession", FallsBack)
     result = verify(*two_convs(), seeds=(0,), **FAST)
     assert result.passed and result.providers == (CPU,)
-    assert (
-        "CUDA not checked: CUDAExecutionProvider did not start; onnxruntime fell back to CPUExecutionProvider"
-        in result.notes
+    assert result.notes == (
+        "CUDA execution provider is installed but a session could not run on it (CUDAExecutionProvider did not "
+        "start; onnxruntime fell back to CPUExecutionProvider): ran on CPU only",
     )
+    with pytest.raises(MissingDependencyError, match="a session could not run on CUDAExecutionProvider"):
+        verify(*two_convs(), providers=["cuda"], seeds=(0,), **FAST)
 
 
 def test_cuda_selected_when_available(monkeypatch):
@@ -609,7 +628,7 @@ def test_cuda_selected_when_available(monkeypatch):
         def get_providers(self):
             return [self._first, CPU]
 
-    monkeypatch.setattr(runner_mod.ort, "InferenceSession", PretendsCuda)
+    monkeypatch.setattr(runtime.ort, "InferenceSession", PretendsCuda)
     result = verify(*two_convs(broken=1, how="bias"), seeds=(0, 1), **FAST)
     assert result.providers == (CPU, CUDA)
     assert [(r.provider, r.seed) for r in result.runs] == [(CPU, 0), (CPU, 1), (CUDA, 0), (CUDA, 1)]
@@ -636,8 +655,8 @@ def test_paths_with_external_data_and_bytes(tmp_path: Path):
 
 
 def test_protos_over_the_limit_are_spilled_not_serialised(monkeypatch):
-    monkeypatch.setattr(runner_mod, "_PROTO_LIMIT", 500)  # pretend these models are over 2 GB
-    monkeypatch.setattr(runner_mod, "_SPILL_THRESHOLD", 16)
+    monkeypatch.setattr(runtime, "_PROTO_LIMIT", 500)  # pretend these models are over 2 GB
+    monkeypatch.setattr(runtime, "_SPILL_THRESHOLD", 16)
     orig, fold = two_convs(broken=1, how="bias")
     before = orig.SerializeToString()
     result = verify(orig, fold, seeds=(0,), fold_outputs=PAIRS, **FAST)

@@ -8,8 +8,9 @@ The package is ``bnfold.timing``; the function is re-exported as ``bnfold.latenc
 
 from __future__ import annotations
 
+from bnfold.runtime import CUDA_UNAVAILABLE_NOTE, LEVELS
 from bnfold.timing.measure import ModelSource, ProgressCallback, latency
-from bnfold.timing.providers import CUDA_UNAVAILABLE_NOTE, LEVELS, MeasureConfig
+from bnfold.timing.providers import MeasureConfig
 from bnfold.timing.render import render_gate, render_latency
 from bnfold.timing.result import (
     ConfigResult,

@@ -21,25 +21,20 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 
 import numpy as np
 import onnxruntime as ort
 
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, first_line
+from bnfold.runtime import ModelHandle, ModelSource, normalize_level, open_model, resolve_providers
 from bnfold.timing.environment import collect_environment
 from bnfold.timing.inputs import InputSpec, make_feeds, plan_inputs, same_signature
-from bnfold.timing.providers import MeasureConfig, normalize_level, plan_configs, resolve_providers
+from bnfold.timing.providers import MeasureConfig, plan_configs
 from bnfold.timing.result import ConfigResult, LatencyReport, LatencySettings, ModelMeasurement
-from bnfold.timing.session import (
-    Loaded,
-    ModelSource,
-    checked_session,
-    create_session,
-    first_line,
-    make_runner,
-    probe_factory,
-)
+from bnfold.timing.session import checked_session, config_session, make_runner, probe_factory
 from bnfold.timing.stats import Speedup, bootstrap_ratio_ci, interleaved_schedule, split_runs, summarize
+from bnfold.verify.feeds import model_inputs
 
 __all__ = ["ModelSource", "ProgressCallback", "latency"]
 
@@ -61,15 +56,16 @@ def _time_calls(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
-def _check_signatures(loaded: Sequence[Loaded]) -> tuple[InputSpec, ...]:
+def _check_signatures(loaded: Sequence[ModelHandle]) -> tuple[InputSpec, ...]:
     """All models have the same inputs (names and element types); returns the first model's."""
-    first = loaded[0]
+    first, first_specs = loaded[0], model_inputs(loaded[0].proto)
     for model in loaded[1:]:
-        if not same_signature(first.specs, model.specs):
-            want = {s.name: s.dtype_name for s in first.specs}
-            got = {s.name: s.dtype_name for s in model.specs}
+        specs = model_inputs(model.proto)
+        if not same_signature(first_specs, specs):
+            want = {s.name: s.dtype_name for s in first_specs}
+            got = {s.name: s.dtype_name for s in specs}
             raise BadInputError(f"models '{first.label}' and '{model.label}' have different inputs ({want} vs {got})")
-    return first.specs
+    return first_specs
 
 
 class _Timer:
@@ -77,7 +73,7 @@ class _Timer:
 
     def __init__(
         self,
-        loaded: Sequence[Loaded],
+        loaded: Sequence[ModelHandle],
         feeds: Mapping[str, np.ndarray],
         threads: int | None,
         warmup: int,
@@ -116,7 +112,7 @@ class _Timer:
         for order in interleaved_schedule(labels, self.creations):
             for label in order:
                 start = time.perf_counter_ns()
-                session = create_session(self.loaded[label], config, self.threads)
+                session = config_session(self.loaded[label], config, self.threads)
                 creation[label].append((time.perf_counter_ns() - start) / 1e6)
                 del session
                 self.tick(f"{config.label}: {label} (session creation)", 1)
@@ -211,7 +207,8 @@ def latency(
     """Time ``models`` (label -> path, bytes or ModelProto) on every provider x optimization level.
 
     ``providers``: None/"auto" = CPU, plus CUDA when it really works (else a note says so); or names
-    ("cpu", "cuda", full onnxruntime names), where a missing one raises MissingDependencyError.
+    ("cpu", "cuda", full onnxruntime names), where one this machine cannot run raises
+    MissingDependencyError (see :func:`bnfold.runtime.resolve_providers`).
     ``runs`` timed runs per model and configuration, split into ``rounds`` interleaved rounds, after
     ``warmup`` untimed runs. ``threads`` sets intra_op_num_threads (None: onnxruntime's default).
     ``shapes`` (input name -> shape, or symbolic dim -> value) and ``batch`` (replaces a dynamic first
@@ -238,32 +235,38 @@ def latency(
     elif baseline not in labels:
         raise ValueError(f"baseline {baseline!r} is not one of the models {labels}")
 
-    loaded = [Loaded(label, source) for label, source in zip(labels, (v for _, v in items), strict=True)]
-    plan, notes = plan_inputs(_check_signatures(loaded), shapes=shapes, batch=batch)
-    feeds = make_feeds(plan, seed)
-    resolved_shapes = dict(plan.shapes)
-    chosen, provider_notes = resolve_providers(providers, probe_factory(loaded[0], threads, device_id))
-    notes = provider_notes + notes
-    configs = plan_configs(
-        chosen, level_names, io_binding=io_binding, include_copies=include_copies, device_id=device_id
-    )
-    blocks = split_runs(runs, rounds)
-    schedule = interleaved_schedule(labels, len(blocks))
-    per_model = 1 + creations + warmup + sum(blocks) + _BLOCK_WARMUP * len(blocks)
-    total = per_model * len(labels) * len(configs)
-    done = 0
+    with ExitStack() as opened:
+        loaded = []
+        for label, (_, source) in zip(labels, items, strict=True):
+            handle = open_model(source, label, in_memory=True)
+            if handle is not source:
+                opened.callback(handle.close)  # removes a spilled (over 2 GB) model's temporary folder
+            loaded.append(handle)
+        plan, notes = plan_inputs(_check_signatures(loaded), shapes=shapes, batch=batch)
+        feeds = make_feeds(plan, seed)
+        resolved_shapes = dict(plan.shapes)
+        chosen, provider_notes = resolve_providers(providers, probe_factory(loaded[0], threads, device_id))
+        notes = provider_notes + notes
+        configs = plan_configs(
+            chosen, level_names, io_binding=io_binding, include_copies=include_copies, device_id=device_id
+        )
+        blocks = split_runs(runs, rounds)
+        schedule = interleaved_schedule(labels, len(blocks))
+        per_model = 1 + creations + warmup + sum(blocks) + _BLOCK_WARMUP * len(blocks)
+        total = per_model * len(labels) * len(configs)
+        done = 0
 
-    def tick(label: str, n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(label, done, total)
+        def tick(label: str, n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(label, done, total)
 
-    timer = _Timer(loaded, feeds, threads, warmup, creations, blocks, schedule, tick)
-    results = [
-        _config_result(config, timer.measure(config), baseline, blocks, schedule, confidence, resamples, [seed, i])
-        for i, config in enumerate(configs)
-    ]
+        timer = _Timer(loaded, feeds, threads, warmup, creations, blocks, schedule, tick)
+        results = [
+            _config_result(config, timer.measure(config), baseline, blocks, schedule, confidence, resamples, [seed, i])
+            for i, config in enumerate(configs)
+        ]
 
     settings = LatencySettings(
         providers=tuple(chosen),

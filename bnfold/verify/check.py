@@ -6,8 +6,18 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from bnfold.errors import BadInputError, first_line
+from bnfold.runtime import (
+    CPU,
+    EXACT_PROVIDER_OPTIONS,
+    ModelHandle,
+    ModelSource,
+    SessionError,
+    open_model,
+    resolve_providers,
+)
 from bnfold.verify.compare import (
     Comparison,
     Environment,
@@ -18,18 +28,7 @@ from bnfold.verify.compare import (
 )
 from bnfold.verify.feeds import FeedPlan, InputsArg, model_inputs, plan_feeds
 from bnfold.verify.localise import FoldRef, localise
-from bnfold.verify.runner import (
-    CPU,
-    PROVIDER_OPTIONS,
-    ModelHandle,
-    ModelSource,
-    RunError,
-    SessionError,
-    create_session,
-    open_model,
-    run_session,
-    select_providers,
-)
+from bnfold.verify.runner import RunError, check_session, run_session
 
 __all__ = ["DEFAULT_SEEDS", "verify"]
 
@@ -116,9 +115,10 @@ def verify(
     """Check that ``folded`` computes what ``original`` computes, on onnxruntime with optimizations off.
 
     Both models run on the same inputs for every seed on every provider: CPU always, CUDA too when
-    onnxruntime offers it and a session really starts there (``providers=None``; a list such as
-    ``["cpu", "cuda"]`` restricts or extends that). Each provider's folded run is compared with the
-    original on the same provider. Providers that cannot run are left out with a plain note.
+    onnxruntime offers it and a session really starts there (``providers=None``; otherwise a plain
+    note says CUDA was not checked), or CPU plus the providers named (``["cuda"]``; one this machine
+    cannot run raises MissingDependencyError). Each provider's folded run is compared with the
+    original on the same provider.
 
     Args:
         original, folded: path, bytes or onnx.ModelProto. Pass paths for models with external data.
@@ -133,7 +133,8 @@ def verify(
         threads: onnxruntime intra-op threads (None: its default).
 
     Returns a :class:`Comparison` (truthy when it passed). Raises BadInputError when the original
-    model cannot be loaded or run on CPU with these inputs, or an option names an unknown input.
+    model cannot be loaded or run on CPU with these inputs, or an option names an unknown input;
+    MissingDependencyError when a provider named in ``providers`` cannot run here.
     """
     tolerances = Tolerances(rtol, atol)
     seeds = tuple(int(s) for s in seeds)
@@ -162,7 +163,17 @@ def _verify(
     plan = plan_feeds(model_inputs(orig.proto), shapes=shapes, inputs=inputs, input_ranges=input_ranges)
     problems, notes = _signature(orig, fold)
     notes += plan.notes
-    chosen, provider_notes = select_providers(providers)
+    opened: dict[str, ort.InferenceSession] = {}  # the probe's session of the original, reused below
+
+    def probe(provider: str) -> str | None:
+        try:
+            opened[provider] = check_session(orig, provider, threads)
+        except SessionError as exc:
+            return str(exc)
+        return None
+
+    chosen, provider_notes = resolve_providers(providers, probe)
+    chosen = [CPU, *(p for p in chosen if p != CPU)]  # CPU is the reference: always checked, first
     notes += provider_notes
     environment = Environment.capture(threads)
     seed_list: tuple[int | None, ...] = seeds
@@ -180,7 +191,7 @@ def _verify(
     checked: list[str] = []
     for provider in chosen:
         try:
-            s_orig = create_session(orig, provider, threads)
+            s_orig = opened.pop(provider, None) or check_session(orig, provider, threads)
         except SessionError as exc:
             if provider == CPU:
                 first = first_line(exc)
@@ -191,7 +202,7 @@ def _verify(
             notes.append(f"{provider.removesuffix('ExecutionProvider')} not checked: {exc}")
             continue
         try:
-            s_fold, fold_error = create_session(fold, provider, threads), ""
+            s_fold, fold_error = check_session(fold, provider, threads), ""
         except SessionError as exc:
             s_fold, fold_error = None, f"the folded model does not load on {provider}: {exc}"
         provider_runs: list[RunComparison] = []
@@ -220,8 +231,8 @@ def _verify(
             provider_runs.append(RunComparison(provider, seed, _compare_outputs(ref, got, tolerances)))
         else:
             checked.append(provider)
-            if provider in PROVIDER_OPTIONS:
-                opts = ", ".join(f"{k}={v}" for k, v in PROVIDER_OPTIONS[provider].items())
+            if provider in EXACT_PROVIDER_OPTIONS:
+                opts = ", ".join(f"{k}={v}" for k, v in EXACT_PROVIDER_OPTIONS[provider].items())
                 notes.append(f"{provider.removesuffix('ExecutionProvider')} checked with {opts}")
         runs.extend(provider_runs)
         del s_orig, s_fold

@@ -20,18 +20,9 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from bnfold.runtime import CPU, ModelHandle, ModelSource, SessionError, open_model
 from bnfold.verify.compare import FoldCheck, Localisation, Tolerances, compare_arrays
-from bnfold.verify.runner import (
-    CPU,
-    ModelHandle,
-    ModelSource,
-    RunError,
-    SessionError,
-    create_session,
-    open_model,
-    run_session,
-    with_extra_outputs,
-)
+from bnfold.verify.runner import RunError, check_session, run_session, with_extra_outputs
 
 __all__ = ["FoldLike", "fold_candidates", "localise"]
 
@@ -153,8 +144,8 @@ def _localise(
 
     try:
         with with_extra_outputs(orig, names) as m_orig, with_extra_outputs(fold, names) as m_fold:
-            ref_values = run_session(create_session(m_orig, provider, threads), feeds, names)
-            got_values = run_session(create_session(m_fold, provider, threads), feeds, names)
+            ref_values = run_session(check_session(m_orig, provider, threads), feeds, names)
+            got_values = run_session(check_session(m_fold, provider, threads), feeds, names)
     except (SessionError, RunError) as exc:
         logger.info("localisation failed: %s", exc)
         return Localisation(provider, seed, tuple(skipped), str(exc))

@@ -1,13 +1,8 @@
-"""onnxruntime sessions for verification: model sources, providers, and running with any dtype.
+"""Running verification sessions with any dtype, and exposing fold outputs for localisation.
 
-Every session uses ``GraphOptimizationLevel.ORT_DISABLE_ALL``, so the original is not rewritten by
-onnxruntime's own Conv+BN fusion before it serves as the reference. CUDA sessions are created with
-``use_tf32=0``: TF32 convolutions would add ~1e-3 relative noise to float32 and hide or fake a failure.
-
-Model sources: a path is handed to onnxruntime as a path (external data and models over 2 GB load
-natively; the graph is read with ``load_external_data=False``); bytes are passed as bytes; a ModelProto
-is serialised, or, when it is over protobuf's 2 GB limit, spilled tensor by tensor to a temporary folder
-as external data and loaded from there.
+Models and sessions come from :mod:`bnfold.runtime` (``ORT_DISABLE_ALL``, so the original is not
+rewritten by onnxruntime's own Conv+BN fusion before it serves as the reference; CUDA with
+``use_tf32=0``). bfloat16 / float8 tensors, which numpy cannot hold natively, go in and out as OrtValues.
 """
 
 from __future__ import annotations
@@ -15,210 +10,33 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import os
-import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Union
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from bnfold.errors import BadInputError
-from bnfold.onnx_io import load_model
+from bnfold.runtime import EXACT_PROVIDER_OPTIONS, ModelHandle, SessionError, clean_ort_message, create_session
 
-__all__ = [
-    "CPU",
-    "CUDA",
-    "ModelHandle",
-    "ModelSource",
-    "RunError",
-    "SessionError",
-    "clean_ort_message",
-    "create_session",
-    "open_model",
-    "run_session",
-    "select_providers",
-    "with_extra_outputs",
-]
+__all__ = ["RunError", "check_session", "run_session", "with_extra_outputs"]
 
 logger = logging.getLogger(__name__)
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-_ALIASES = {
-    "cpu": CPU,
-    "cuda": CUDA,
-    "tensorrt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-}
-PROVIDER_OPTIONS: Mapping[str, Mapping[str, str]] = {CUDA: {"use_tf32": "0"}}
-"""Options each provider's sessions are created with (recorded in the report's notes)."""
-
-_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-_PROTO_LIMIT = 2**31 - 2**20  # a little under protobuf's 2 GiB, for headroom
-_SPILL_THRESHOLD = 1024  # bytes: tensors at least this big go to external data when spilling
-
-ModelSource = Union[str, "os.PathLike[str]", bytes, onnx.ModelProto, "ModelHandle"]
-
-
-class SessionError(Exception):
-    """onnxruntime could not create a session; ``str()`` is one clean line."""
 
 
 class RunError(Exception):
     """onnxruntime could not run a session; ``str()`` is one clean line."""
 
 
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
-_NODE_STATUS = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
-_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|h|cpp):\d+\s+")
-
-
-def clean_ort_message(exc: BaseException | str) -> str:
-    """onnxruntime's error text without the status prefix, source location and C++ signature; one line."""
-    text = str(exc).strip()
-    text = _ORT_PREFIX.sub("", text)
-    if _SOURCE_LOCATION.match(text):
-        text = _SOURCE_LOCATION.sub("", text)
-        # drop the C++ signature "ns::Class::Fn(args...) " that follows the location
-        depth, cut = 0, -1
-        for i, ch in enumerate(text):
-            if ch == "(":
-                depth += 1
-            elif ch == ")":
-                depth -= 1
-                if depth == 0:
-                    cut = i + 1
-                    break
-            elif ch == " " and depth == 0:
-                break
-        if cut > 0:
-            text = text[cut:].strip()
-    text = _NODE_STATUS.sub(lambda m: f"{m[1]} node {m[2]!r}: " if m[2] else f"{m[1]} node: ", text)
-    text = " ".join(text.split())
-    return text[:500] + ("..." if len(text) > 500 else "")
-
-
-@dataclass
-class ModelHandle:
-    """A model ready to hand to onnxruntime, plus its graph for inspection."""
-
-    label: str
-    proto: onnx.ModelProto
-    """The graph; large initializers may be external-data references (not loaded)."""
-    data: bytes | None = None
-    path: Path | None = None
-    external_dir: Path | None = None
-    """Folder that external-data references resolve against."""
-    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> ModelHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _is_repeated(fd: FieldDescriptor) -> bool:
-    # protobuf >= 6 has ``is_repeated``; ``label`` is gone in 7
-    flag = getattr(fd, "is_repeated", None)
-    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
-
-
-def _copy_fields(src: Message, dst: Message, skip: str) -> None:
-    """Copy every set field of ``src`` into ``dst`` except ``skip`` (which is never touched)."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        target = getattr(dst, fd.name)
-        if _is_repeated(fd):
-            target.extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def _spill(model: onnx.ModelProto, folder: Path) -> Path:
-    """Write ``model`` under ``folder`` with its large main-graph initializers as external data,
-    without mutating ``model`` and holding at most one tensor's bytes extra."""
-    light = onnx.ModelProto()
-    _copy_fields(model, light, skip="graph")
-    _copy_fields(model.graph, light.graph, skip="initializer")
-    with open(folder / "weights.bin", "wb") as f:
-        offset = 0
-        for tensor in model.graph.initializer:
-            copy = light.graph.initializer.add()
-            if tensor.ByteSize() < _SPILL_THRESHOLD or tensor.data_location == onnx.TensorProto.EXTERNAL:
-                copy.CopyFrom(tensor)
-                continue
-            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-            copy.name, copy.data_type = tensor.name, tensor.data_type
-            copy.dims.extend(tensor.dims)
-            copy.data_location = onnx.TensorProto.EXTERNAL
-            entries = (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw))))
-            for key, value in entries:
-                entry = copy.external_data.add()
-                entry.key, entry.value = key, value
-            f.write(raw)
-            offset += len(raw)
-    path = folder / "model.onnx"
-    path.write_bytes(light.SerializeToString())
-    return path
-
-
-def open_model(source: ModelSource, label: str) -> ModelHandle:
-    """Normalise a path, bytes, ModelProto (or an existing handle, returned as is)."""
-    if isinstance(source, ModelHandle):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise BadInputError(f"{path}: no such file ({label} model)")
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception:  # protobuf raises several unrelated types
-            raise BadInputError(f"{path}: not an ONNX model (protobuf could not parse it)") from None
-        if not proto.HasField("graph"):
-            raise BadInputError(f"{path}: not an ONNX model (no graph)")
-        return ModelHandle(label, proto, path=path, external_dir=path.parent)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        return ModelHandle(label, load_model(data), data=data)
-    if isinstance(source, onnx.ModelProto):
-        load_model(source)  # validity check only
-        if source.ByteSize() < _PROTO_LIMIT:
-            return ModelHandle(label, source, data=source.SerializeToString())
-        tmp = tempfile.TemporaryDirectory(prefix="bnfold-verify-")
-        path = _spill(source, Path(tmp.name))
-        logger.info("%s model is over 2 GB; spilled to %s for onnxruntime", label, path)
-        return ModelHandle(label, source, path=path, external_dir=path.parent, _tmp=tmp)
-    raise TypeError(f"{label} model must be a path, bytes or onnx.ModelProto, not {type(source).__name__}")
+def check_session(model: ModelHandle, provider: str, threads: int | None) -> ort.InferenceSession:
+    """A verification session: optimizations off, TF32 off on CUDA. Raises SessionError."""
+    return create_session(model, provider, threads=threads, provider_options=EXACT_PROVIDER_OPTIONS.get(provider))
 
 
 def with_extra_outputs(handle: ModelHandle, names: Iterable[str]) -> ModelHandle:
     """A copy of ``handle`` whose main graph also outputs ``names`` (typed from value_info when known)."""
-    source = handle.proto
-    if handle.path is not None and handle.data is None:
-        source = onnx.load(str(handle.path), load_external_data=False)
     model = onnx.ModelProto()
-    model.CopyFrom(source)
+    model.CopyFrom(handle.proto)
     graph = model.graph
     present = {o.name for o in graph.output}
     known = {vi.name: vi for vi in graph.value_info}
@@ -236,55 +54,6 @@ def with_extra_outputs(handle: ModelHandle, names: Iterable[str]) -> ModelHandle
     except ValueError:  # protobuf refuses messages over 2 GB
         raise SessionError(f"the {handle.label} model holds over 2 GB inline; save it with external data") from None
     return ModelHandle(handle.label, model, data=data, external_dir=handle.external_dir)
-
-
-def select_providers(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """Providers to try, CPU first and always; plus notes on those that cannot be tried."""
-    available = ort.get_available_providers()
-    explicit = requested is not None
-    wanted = [_ALIASES.get(p.lower(), p) for p in (requested if requested is not None else (CPU, CUDA))]
-    chosen: list[str] = [CPU]
-    notes: list[str] = []
-    for p in wanted:
-        if p in chosen:
-            continue
-        if p in available:
-            chosen.append(p)
-            continue
-        short = p.removesuffix("ExecutionProvider")
-        how = " (it needs onnxruntime-gpu and an NVIDIA GPU)" if p == CUDA else ""
-        lead = f"{short} was requested but not checked" if explicit else f"{short} not checked"
-        notes.append(f"{lead}: onnxruntime {ort.__version__} has no {p}{how}; available: {', '.join(available)}")
-    return chosen, notes
-
-
-def create_session(handle: ModelHandle, provider: str, threads: int | None = None) -> ort.InferenceSession:
-    """One session with optimizations off on ``provider`` (CPU as fallback for unsupported nodes).
-
-    Raises SessionError when onnxruntime refuses the model or silently falls back to another provider.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads or 0
-    options.log_severity_level = 4  # failures come back as exceptions; keep the terminal clean
-    providers: list[str | tuple[str, dict[str, str]]] = [CPU]
-    if provider != CPU:
-        providers = [(provider, dict(PROVIDER_OPTIONS.get(provider, {}))), CPU]
-    try:
-        if handle.data is None:
-            assert handle.path is not None
-            session = ort.InferenceSession(str(handle.path), options, providers=providers)
-        else:
-            if handle.external_dir is not None:
-                options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(handle.external_dir))
-            session = ort.InferenceSession(handle.data, options, providers=providers)
-    except Exception as exc:  # onnxruntime raises pybind exception types
-        raise SessionError(clean_ort_message(exc)) from None
-    active = session.get_providers()
-    if not active or active[0] != provider:
-        fallback = ", ".join(active) or "nothing"
-        raise SessionError(f"{provider} did not start; onnxruntime fell back to {fallback}")
-    return session
 
 
 def _is_native(dtype: np.dtype) -> bool:
