@@ -34,7 +34,6 @@ __all__ = [
     "constant_or_skip",
     "new_tensor",
     "sole_consumer_skip",
-    "tensor_nbytes",
     "unique_node_name",
 ]
 
@@ -162,7 +161,8 @@ def clone_refusal(ctx: FoldContext, norm: Norm, conflict: Skip, extra_bytes: int
     """Whether a producer that has other users (``conflict``, from :func:`sole_consumer_skip`) may be
     cloned: None when it may (``options.clone`` and ``extra_bytes`` within ``options.max_clone_bytes``),
     else the Skip to report. The clone carries the folded weights and writes the normalization's output;
-    the original keeps its other users, so ``extra_bytes`` is the size of the new folded tensors."""
+    the original keeps its other users, so ``extra_bytes`` is the data size of the new folded tensors (what
+    the file grows by, less a few bytes of header); rules call this before computing them."""
     if not ctx.options.clone:
         return ctx.skip(norm.output, norm.op_type, f"{conflict.reason}; cloning it is turned off")
     limit = ctx.options.max_clone_bytes
@@ -203,19 +203,6 @@ def new_tensor(
     spill = getattr(ctx.view.data, "spill_array", None)  # a large model's store writes it to disk at once
     spilled = spill(rounded, name) if spill is not None else None
     return spilled if spilled is not None else numpy_helper.from_array(rounded, name)
-
-
-def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    """Bytes ``tensor`` adds to the model: its serialized size, the same whether :func:`new_tensor` kept it
-    in memory or wrote its data to disk (a large model folded from its path)."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return tensor.ByteSize()
-    length = int(next((e.value for e in tensor.external_data if e.key == "length"), "0"))
-    header = onnx.TensorProto()
-    header.CopyFrom(tensor)
-    header.ClearField("external_data")
-    header.ClearField("data_location")
-    return header.ByteSize() + 1 + max(1, (length.bit_length() + 6) // 7) + length  # + raw_data field
 
 
 def rounding_skip(ctx: FoldContext, norm: Norm, exc: RoundingError) -> Skip:

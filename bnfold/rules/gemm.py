@@ -45,7 +45,6 @@ from bnfold.rules.base import (
     new_tensor,
     rounding_skip,
     sole_consumer_skip,
-    tensor_nbytes,
     unique_node_name,
 )
 from bnfold.rules.batchnorm import is_op
@@ -117,6 +116,11 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     beta = _attr(node, "beta", 1.0)
     scale, shift = norm.affine.scale, norm.affine.shift
     c64 = shift if c is None else beta * np.asarray(c, dtype=np.float64) * scale + shift
+    if conflict is not None:  # decided before computing (or, for a large model, spilling) any tensor
+        c_bytes = int(np.prod(c_shape)) * (b if c is None else c).itemsize
+        refusal = clone_refusal(ctx, norm, conflict, b.nbytes + c_bytes)
+        if refusal is not None:
+            return refusal
     try:
         b_new = new_tensor(ctx, scale_axis(b, scale, 0 if trans_b else 1), b.dtype, f"{b_name}_bnfold",
                            f"B of {desc}")
@@ -124,10 +128,6 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                            f"{c_name or node.output[0]}_bnfold_bias", f"C of {desc}")
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
-    if conflict is not None:
-        refusal = clone_refusal(ctx, norm, conflict, tensor_nbytes(b_new) + tensor_nbytes(c_new))
-        if refusal is not None:
-            return refusal
     new_node = helper.make_node(
         node.op_type, [node.input[0], b_new.name, c_new.name], [norm.output],
         name=unique_node_name(view, node) if conflict is not None else node.name, domain=node.domain or None,

@@ -30,7 +30,6 @@ from bnfold.rules.base import (
     new_tensor,
     rounding_skip,
     sole_consumer_skip,
-    tensor_nbytes,
     unique_node_name,
 )
 
@@ -95,6 +94,10 @@ def fold_weight_bias(
     if bias is not None and bias.size != channels:
         return ctx.skip(norm.output, norm.op_type, f"bias '{b_name}' of {desc} has {bias.size} values, "
                         f"not {channels}")
+    if conflict is not None:  # decided before computing (or, for a large model, spilling) any tensor
+        refusal = clone_refusal(ctx, norm, conflict, weight.nbytes + channels * weight.itemsize)
+        if refusal is not None:
+            return refusal
     try:
         w_new = new_tensor(ctx, scale_weight(weight, norm.affine), weight.dtype, f"{w_name}_bnfold",
                            f"weight of {desc}")
@@ -102,10 +105,6 @@ def fold_weight_bias(
                            f"{b_name or node.output[0]}_bnfold_bias", f"bias of {desc}")
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
-    if conflict is not None:
-        refusal = clone_refusal(ctx, norm, conflict, tensor_nbytes(w_new) + tensor_nbytes(b_new))
-        if refusal is not None:
-            return refusal
     new_node = onnx.NodeProto()
     new_node.CopyFrom(node)
     inputs = list(node.input)

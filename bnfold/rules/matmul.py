@@ -54,7 +54,6 @@ from bnfold.rules.base import (
     new_tensor,
     rounding_skip,
     sole_consumer_skip,
-    tensor_nbytes,
     unique_node_name,
 )
 from bnfold.rules.batchnorm import is_op
@@ -186,6 +185,11 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     scale, shift = norm.affine.scale, norm.affine.shift
     with_bias = add is not None or bool(np.any(shift))
     bias64 = shift if bias is None else np.asarray(bias, dtype=np.float64) * scale + shift
+    if conflict is not None:  # decided before computing (or, for a large model, spilling) any tensor
+        bias_bytes = bias64.size * (b if bias is None else bias).itemsize if with_bias else 0
+        refusal = clone_refusal(ctx, norm, conflict, b.nbytes + bias_bytes)
+        if refusal is not None:
+            return refusal
     try:
         b_new = new_tensor(ctx, scale_axis(b, scale, b.ndim - 1), b.dtype, f"{b_name}_bnfold",
                            f"weight of {desc}")
@@ -195,10 +199,6 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                                       f"{bias_name or node.output[0]}_bnfold_bias", f"bias of {desc}"))
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
-    if conflict is not None:
-        refusal = clone_refusal(ctx, norm, conflict, sum(tensor_nbytes(t) for t in tensors))
-        if refusal is not None:
-            return refusal
 
     keep_add = add is not None and add_conflict is not None
     keep_mm = keep_add or mm_conflict is not None
