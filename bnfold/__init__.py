@@ -23,6 +23,7 @@ from bnfold.errors import (
 from bnfold.onnx_io import load_model as load
 from bnfold.onnx_io import save_model as save
 from bnfold.passes import FoldedPair, FoldResult, Skip
+from bnfold.pipeline import FoldRun, fold_file
 from bnfold.rules.base import FoldOptions
 from bnfold.timing import GateResult, LatencyReport, latency
 from bnfold.torchscript import (  # torch itself is imported only when these are called
@@ -44,6 +45,7 @@ __all__ = [
     "ExitCode",
     "FoldOptions",
     "FoldResult",
+    "FoldRun",
     "FoldedPair",
     "GateFailedError",
     "GateResult",
@@ -56,6 +58,7 @@ __all__ = [
     "VerificationFailedError",
     "__version__",
     "fold",
+    "fold_file",
     "fold_torch",
     "fold_torchscript",
     "is_torchscript",

@@ -27,6 +27,7 @@ __all__ = [
     "ExitCode",
     "GateFailedError",
     "MissingDependencyError",
+    "OptionError",
     "OutputError",
     "VerificationFailedError",
     "first_line",
@@ -79,6 +80,18 @@ class MissingDependencyError(BnfoldError):
     """An optional dependency is required for this input or option."""
 
     exit_code = ExitCode.MISSING_DEPENDENCY
+
+
+class OptionError(BnfoldError, ValueError):
+    """An argument value refused before anything runs (an unknown rule, a shape that fits no input, an
+    optimization level this onnxruntime lacks). ``option`` names the command-line option it came from
+    (None: no single one); the command line reports it as a usage error."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

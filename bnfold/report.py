@@ -27,12 +27,14 @@ import platform
 from dataclasses import asdict
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.rule import Rule
 from rich.table import Table
+from rich.text import Text
 
 from bnfold.passes import FoldResult
 
-__all__ = ["SCHEMA", "environment", "fold_report", "render_fold", "write_json"]
+__all__ = ["SCHEMA", "environment", "fold_report", "render_fold", "render_rules", "write_json"]
 
 SCHEMA = "bnfold.report/1"
 
@@ -144,3 +146,33 @@ def render_fold(console: Console, report: dict[str, Any]) -> None:
         console.print(f"wrote {out['path']}")
     elif out["path"] is None or not out["written"]:
         console.print("dry run: nothing written" if report.get("dry_run") else "nothing written")
+
+
+def render_rules(full: bool = False) -> list[RenderableType]:
+    """The fold rules: a table (name, summary, refusal conditions), or with ``full`` each rule's header."""
+    from bnfold.rules import rule_infos
+
+    if full:
+        return [part for info in rule_infos() for part in (Rule(info.name), Text(info.doc))]
+    table = Table(title="bnfold rules (tried in this order)", header_style="bold")
+    table.add_column("rule")
+    table.add_column("summary")
+    table.add_column("refuses when")
+    for info in rule_infos():
+        table.add_row(info.name, info.summary, _conditions(info.doc))
+    return [table]
+
+
+def _conditions(doc: str) -> str:
+    """The 'Conditions:' block of a rule header, as the refusal reasons a user may see."""
+    out: list[str] = []
+    inside = False
+    for line in doc.splitlines():
+        if line.startswith("Conditions:"):
+            inside = True
+            continue
+        if inside and line and not line.startswith(" "):
+            break
+        if inside and line.strip():
+            out.append(line.strip())
+    return " ".join(out).replace(" - ", "\n- ").strip()

@@ -233,3 +233,19 @@ def test_cli_onnx_input_with_torchscript_output_is_usage_error(tmp_path: Path,
     code, _, err = run_cli([str(src), "-o", str(tmp_path / "o.pt")], capsys)
     assert code == ExitCode.USAGE and "TorchScript output" in err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_fold_file_counts_referenced_data_and_reports_what_it_returns(tmp_path: Path) -> None:
+    """The library behind `bnfold MODEL -o OUT`: a typed run whose to_report() is the JSON written; the
+    input size counts every external data file the model references, whatever its name."""
+    from bnfold.pipeline import VerifyOptions, fold_file
+
+    model, _ = conv_bn_model(channels=64)
+    src, dst, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(model, src, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    run = fold_file(src, dst, report=rep, verify_options=VerifyOptions(seeds=(0,)))
+    assert run.written and run.exit_code == ExitCode.OK and run.comparison is not None and run.comparison.passed
+    assert run.input_bytes == src.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+    assert json.loads(rep.read_text()) == json.loads(json.dumps(run.to_report()))
+    before = src.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+    assert fold_file(src, src, verify=False).input_bytes == before  # measured before the input is replaced
