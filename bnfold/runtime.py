@@ -320,9 +320,11 @@ def create_session(
     level: str = "disable_all",
     threads: int | None = None,
     provider_options: Mapping[str, str] | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """One session on ``provider`` at optimization ``level`` (a :data:`LEVELS` name) with ``threads``
-    intra-op threads (None: onnxruntime's default).
+    intra-op threads (None: onnxruntime's default). ``spinning=False`` stops idle worker threads from
+    busy-waiting: two sessions timed in turn then do not steal cores from each other.
 
     Raises SessionError when onnxruntime refuses the model or silently falls back to another provider.
     """
@@ -330,6 +332,9 @@ def create_session(
     options.graph_optimization_level = LEVELS[level]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or 0
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 4  # failures come back as exceptions; a library keeps the terminal clean
     if model.data is not None and model.external_dir is not None:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(model.external_dir))

@@ -33,7 +33,8 @@ def render_latency(report: LatencyReport) -> Table:
         box=box.SIMPLE_HEAD,
         caption=(
             f"{settings.runs} timed runs per model in {settings.rounds} interleaved rounds, after "
-            f"{settings.warmup} warm-up runs. Spread: IQR. Threads: {threads}. Inputs: {shapes}. "
+            f"{settings.warmup} warm-up runs. Spread: IQR. Threads: {threads} (no spin-waiting, so the "
+            f"idle session does not take the timed one's cores). Inputs: {shapes}. "
             f"Create: median of {settings.creations} session creations. Speed-up: {settings.baseline} "
             f"median / model median, {settings.confidence:.0%} bootstrap CI."
         ),
