@@ -39,7 +39,6 @@ from bnfold.tensor_store import LAZY_MIN_BYTES, TensorStore, nbytes_of, set_exte
 
 __all__ = [
     "LAZY_MIN_BYTES",
-    "PROTOBUF_LIMIT",
     "LazyModel",
     "ModelSource",
     "NameAllocator",
@@ -50,7 +49,6 @@ __all__ = [
     "load_lazily",
     "load_model",
     "materialize",
-    "model_bytes",
     "save_model",
     "stage_model",
 ]
@@ -58,7 +56,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
-PROTOBUF_LIMIT = 2**31 - 1
 _ZIP_MAGIC = b"PK\x03\x04"
 _EXTERNAL = onnx.TensorProto.EXTERNAL
 
@@ -227,11 +224,6 @@ def has_external_data(model: onnx.ModelProto) -> bool:
         t.data_location == onnx.TensorProto.EXTERNAL
         for t in onnx.external_data_helper._get_all_tensors(model)
     )
-
-
-def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of ``model`` in bytes (external data not counted)."""
-    return model.ByteSize()
 
 
 def save_model(

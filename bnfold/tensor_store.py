@@ -26,7 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from onnx import helper, numpy_helper
 
 from bnfold._protowire import RAW_DATA_FIELD, unknown_bytes
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, OutputError
 
 __all__ = [
     "ALIGN",
@@ -207,7 +207,10 @@ class TensorStore:
     def open_spill(self, path: Path, min_bytes: int = LAZY_MIN_BYTES) -> None:
         """From now on :meth:`spill` appends tensors of at least ``min_bytes`` to ``path`` (created)."""
         path = path.resolve()
-        self._spill_file = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed by close()
+        try:
+            self._spill_file = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed by close()
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
         self._spill, self._spill_end, self._spill_min = path, 0, min_bytes
         self._own.add(path)
 
@@ -261,11 +264,14 @@ class TensorStore:
         f = self._spill_file
         assert f is not None
         offset = self._spill_end
-        if len(data) >= ALIGN_MIN_BYTES and offset % ALIGN:
-            pad = ALIGN - offset % ALIGN
-            write_all(f, bytes(pad))
-            offset += pad
-        write_all(f, data)
+        try:
+            if len(data) >= ALIGN_MIN_BYTES and offset % ALIGN:
+                pad = ALIGN - offset % ALIGN
+                write_all(f, bytes(pad))
+                offset += pad
+            write_all(f, data)
+        except OSError as exc:  # disk full while folding: the output cannot be written, not a bug
+            raise OutputError(f"{self._spill}: cannot write folded tensors ({exc.strerror or exc})") from exc
         self._spill_end = offset + len(data)
         return offset
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold.onnx_io import load_lazily, save_model
@@ -385,3 +385,38 @@ def test_clone_size_limit_is_the_same_when_tensors_go_to_disk(tmp_path: Path) ->
     assert "max_clone_bytes" in on_disk.skipped[0].reason
     allowed = bnfold.fold(src, output=tmp_path / "o2.onnx", max_clone_bytes=1 << 23)
     assert len(allowed.folded) == 1
+
+
+def test_disk_full_while_spilling_folded_tensors_is_an_output_error(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write failure while folded tensors go to the spill file is exit 6, not an internal error."""
+    import bnfold.tensor_store as ts
+    from bnfold.errors import OutputError
+
+    src = tmp_path / "m.onnx"
+    model = _cnn_for_spill_test()
+    onnx.save(model, src)
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ts, "write_all", full)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    with pytest.raises(OutputError, match="No space left"):
+        bnfold.fold(src, output=out)
+    assert list(out.parent.iterdir()) == []
+
+
+def _cnn_for_spill_test() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    c = 64
+    inits = [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32), "W")]
+    for name in ("g", "b", "m"):
+        inits.append(numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), name))
+    inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "v"))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["t"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["t", "g", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info("y", 1, [1, c, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

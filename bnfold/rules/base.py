@@ -11,7 +11,6 @@ allocator.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +26,6 @@ __all__ = [
     "FoldContext",
     "FoldOptions",
     "Norm",
-    "Rule",
     "RuleInfo",
     "Skip",
     "clone_refusal",
@@ -122,9 +120,6 @@ class RuleInfo:
     name: str
     summary: str
     doc: str
-
-
-Rule = Callable[[FoldContext, Norm], "Fold | Skip | None"]
 
 
 def constant_or_skip(ctx: FoldContext, name: str, role: str, norm: Norm) -> np.ndarray | Skip:

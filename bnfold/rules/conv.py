@@ -7,7 +7,9 @@ Conditions:
     domain; ``W`` (and ``B`` if present) are constants: initializers, ``Constant`` nodes, or constants
     of an enclosing graph, not graph inputs;
   - ``W`` is floating point (fp16, bf16, fp32, fp64) with ``W.shape[0]`` equal to the channel count;
-  - ``t`` feeds only the normalization and is not a graph output;
+  - ``t`` feeds only the normalization and is not a graph output; otherwise the Conv is cloned (the
+    clone carries the folded weights and writes ``Y``, the original keeps its other users) when
+    cloning is on and the folded tensors fit ``max_clone_bytes``;
   - the folded ``W'`` and ``B'`` are finite in the model's dtype (no fp16 overflow).
   A ``W`` shared with another node is not changed: the Conv gets a private folded copy.
 Formula:  ``W'[m] = W[m] * scale[m]``, ``B'[m] = B[m] * scale[m] + shift[m]`` (``B`` = 0 if absent),

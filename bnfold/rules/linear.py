@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from bnfold.folding import Affine, RoundingError, fold_bias
 from bnfold.rules.base import (
@@ -130,11 +129,3 @@ def fold_weight_bias(
         remove=norm.nodes,
         tensors=(w_new, b_new),
     )
-
-
-def make_node_like(node: onnx.NodeProto, inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
-    """A copy of ``node`` (attributes, name, domain) with new inputs and outputs."""
-    out = helper.make_node(node.op_type, inputs, outputs, name=node.name, domain=node.domain or None)
-    out.attribute.extend(node.attribute)
-    out.doc_string = node.doc_string
-    return out

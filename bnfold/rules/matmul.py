@@ -87,11 +87,8 @@ def _find_chain(view: GraphView, norm: Norm) -> tuple[int, int | None, int | Non
 
 
 def _legacy_broadcast(view: GraphView, nodes: list[int]) -> bool:
-    """True in opset < 7 models, where Gemm/Add broadcast only with ``broadcast=1``.
-
-    The rules see no opset number; the chain's own attributes tell: an inference BatchNormalization-1/6
-    must carry ``is_test=1`` (its default is training mode), and a broadcasting Add/Mul/Gemm-1/6
-    carries ``broadcast``; none of these attributes exists from opset 7 on."""
+    """Whether these nodes carry attributes that exist only before opset 7 (``is_test``, ``broadcast``):
+    how an Add-1/6 says it broadcasts, and a fallback when the model's opset is unknown."""
     return any(a.name in _LEGACY_ATTRS for i in nodes for a in view.node(i).attribute)
 
 
@@ -203,7 +200,9 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     keep_add = add is not None and add_conflict is not None
     keep_mm = keep_add or mm_conflict is not None
     mm_name = unique_node_name(view, node) if keep_mm else node.name
-    legacy = {"broadcast": 1} if _legacy_broadcast(view, [mm, *with_add.nodes]) else {}
+    # before opset 7, Gemm and Add broadcast only when told to
+    old_opset = 0 < ctx.opset < 7 if ctx.opset else _legacy_broadcast(view, [mm, *with_add.nodes])
+    legacy = {"broadcast": 1} if old_opset else {}
     if not with_bias:  # nothing to add: the MatMul itself writes the normalization's output
         new_nodes = [_copy_node(node, [node.input[0], b_new.name], norm.output, mm_name)]
     elif a_rank == 2 and b.ndim == 2 and _bias_fits_gemm(list(tensors[1].dims), shape_of(view, node.input[0])):
