@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import defs, helper, shape_inference
 
+from bnfold.nodes import attr, is_op
+
 __all__ = ["MAX_RESULT_BYTES", "PURE_OPS", "TYPE_ONLY", "EvaluationError", "evaluate", "is_pure", "placeholder"]
 
 MAX_RESULT_BYTES = 64 << 20
@@ -72,7 +74,7 @@ class EvaluationError(Exception):
 
 def is_pure(node: onnx.NodeProto) -> bool:
     """Whether ``node`` is one of :data:`PURE_OPS` in the default domain."""
-    return node.op_type in PURE_OPS and node.domain in ("", "ai.onnx")
+    return is_op(node, PURE_OPS)
 
 
 def placeholder(shape: Sequence[int] | None, dtype: np.dtype) -> np.ndarray:
@@ -130,7 +132,8 @@ def _run(node: onnx.NodeProto, inputs: Sequence[np.ndarray | None], opset: int) 
         return [_present(inputs, 0)]
     if op == "Shape":
         shape = _present(inputs, 0).shape
-        start, end = _int_attr(node, "start", 0), _int_attr(node, "end", None)
+        start, end = int(attr(node, "start", 0)), attr(node, "end")
+        end = None if end is None else int(end)
         return [np.array(shape[start:end], dtype=np.int64)]  # ONNX clamps start/end as slicing does
     if op == "Size":
         return [np.array(math.prod(_present(inputs, 0).shape), dtype=np.int64)]
@@ -190,13 +193,6 @@ def _present(inputs: Sequence[np.ndarray | None], i: int) -> np.ndarray:
     return value
 
 
-def _int_attr(node: onnx.NodeProto, name: str, default: int | None) -> int | None:
-    for a in node.attribute:
-        if a.name == name:
-            return int(helper.get_attribute_value(a))
-    return default
-
-
 def _ints(value: np.ndarray) -> list[int]:
     if value.dtype.kind not in "iu":
         raise EvaluationError("a shape input is not integer")
@@ -233,7 +229,7 @@ def _max_elements(node: onnx.NodeProto, inputs: Sequence[np.ndarray | None]) -> 
         return max(math.ceil((limit - start) / delta), 0)
     if op == "Gather":
         data, indices = _present(inputs, 0), _present(inputs, 1)
-        axis = _int_attr(node, "axis", 0) or 0
+        axis = int(attr(node, "axis", 0))
         along = data.shape[axis] if data.ndim else 1
         return int(indices.size) * (int(data.size) // max(along, 1))
     raise EvaluationError(f"{op} is not an op bnfold evaluates")
@@ -247,18 +243,18 @@ def _out_itemsize(node: onnx.NodeProto, inputs: Sequence[np.ndarray | None]) -> 
     if op in _BOOL_OUT:
         return 1
     if op == "Cast":
-        to = _int_attr(node, "to", onnx.TensorProto.FLOAT)
+        to = int(attr(node, "to", onnx.TensorProto.FLOAT))
         try:
-            return int(np.dtype(helper.tensor_dtype_to_np_dtype(int(to or 0))).itemsize)
+            return int(np.dtype(helper.tensor_dtype_to_np_dtype(to)).itemsize)
         except Exception:
             return 8
     if op == "ConstantOfShape":
-        for a in node.attribute:
-            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                try:
-                    return int(np.dtype(helper.tensor_dtype_to_np_dtype(a.t.data_type)).itemsize)
-                except Exception:
-                    return 8
+        value = attr(node, "value")
+        if isinstance(value, onnx.TensorProto):
+            try:
+                return int(np.dtype(helper.tensor_dtype_to_np_dtype(value.data_type)).itemsize)
+            except Exception:
+                return 8
         return 4
     if op in _FIRST_BOUNDED or op in ("Concat", "GatherElements", "Expand", "Tile", "Gather"):
         return int(_present(inputs, 0).dtype.itemsize)

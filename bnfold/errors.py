@@ -65,9 +65,14 @@ class OutputError(BnfoldError):
 
 
 class VerificationFailedError(BnfoldError):
-    """The folded model does not compute the same function as the original."""
+    """The folded model does not compute the same function as the original. ``result``: what the call would
+    have returned (``TorchFoldResult``, ``TorchExportResult``: the fold and its comparison), where it has one."""
 
     exit_code = ExitCode.VERIFY_FAILED
+
+    def __init__(self, message: str, result: object | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class GateFailedError(BnfoldError):

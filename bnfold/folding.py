@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from bnfold.dtypes import is_native_float
+
 __all__ = [
     "Affine",
     "RoundingError",
@@ -69,12 +71,9 @@ def scale_axis(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     """``weight`` (float64) multiplied by ``scale`` broadcast along ``axis``."""
     shape = [1] * weight.ndim
     shape[axis] = -1
-    if weight.dtype in _NATIVE_FLOATS:  # one pass, no float64 copy of the weight first (same values)
+    if is_native_float(weight.dtype):  # one pass, no float64 copy of the weight first (same values)
         return np.multiply(weight, scale.reshape(shape), dtype=np.float64)
     return np.asarray(weight, dtype=np.float64) * scale.reshape(shape)
-
-
-_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def scale_grouped_axis1(weight: np.ndarray, scale: np.ndarray, groups: int) -> np.ndarray:
@@ -116,7 +115,7 @@ def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """
     v64 = np.asarray(values, dtype=np.float64)
     dt = np.dtype(dtype)
-    if dt in _NATIVE_FLOATS[:2]:  # fast path: a non-finite input stays non-finite, so checking the
+    if is_native_float(dt):  # fast path: a non-finite input stays non-finite, so checking the
         with np.errstate(over="ignore", invalid="ignore"):  # rounded result decides; explained below
             out = v64.astype(dt)
         if np.isfinite(out).all():

@@ -23,17 +23,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold import const_eval
+from bnfold.dtypes import np_dtype
+from bnfold.nodes import attr, is_op
 
 __all__ = ["ConstantLookup", "GraphView", "TensorReader", "subgraphs", "used_names"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _GRAPH_ATTR = onnx.AttributeProto.GRAPH
 _GRAPHS_ATTR = onnx.AttributeProto.GRAPHS
@@ -50,12 +54,12 @@ class TensorReader(Protocol):
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """``(attribute name, subgraph)`` for every graph-valued attribute of ``node`` (If, Loop, Scan, ...)."""
-    for attr in node.attribute:
-        if attr.type == _GRAPH_ATTR:
-            yield attr.name, attr.g
-        elif attr.type == _GRAPHS_ATTR:
-            for i, g in enumerate(attr.graphs):
-                yield f"{attr.name}[{i}]", g
+    for a in node.attribute:
+        if a.type == _GRAPH_ATTR:
+            yield a.name, a.g
+        elif a.type == _GRAPHS_ATTR:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
 
 
 def used_names(graph: onnx.GraphProto) -> set[str]:
@@ -127,6 +131,7 @@ class GraphView:
                 self.consumers.setdefault(name, []).append(idx)
         self._cache: dict[str, ConstantLookup] = {}
         self._declared: dict[str, onnx.TypeProto] | None = None
+        self._memo: dict[str, object] = {}
 
     # -- structure -------------------------------------------------------------------------------
     def node(self, idx: int) -> onnx.NodeProto:
@@ -148,6 +153,13 @@ class GraphView:
             return f"{node.op_type} '{node.name}'"
         return f"{node.op_type} (output '{node.output[0] if node.output else '?'}')"
 
+    def memo(self, key: str, compute: Callable[[GraphView], T]) -> T:
+        """``compute(self)``, computed on first use and kept with this view under ``key``: what is derived
+        from the graph (the shapes of :mod:`bnfold.rules.shapes`) lives as long as the view, never longer."""
+        if key not in self._memo:
+            self._memo[key] = compute(self)
+        return cast(T, self._memo[key])
+
     # -- constants -------------------------------------------------------------------------------
     def constant(self, name: str) -> ConstantLookup:
         """The value of tensor ``name`` if it is a constant (initializer, ``Constant`` node, a constant of
@@ -163,7 +175,7 @@ class GraphView:
         if name in self.initializers:
             return self.initializers[name].data_type
         idx = self.producer.get(name)
-        if idx is not None and self.graph.node[idx].op_type == "Constant":
+        if idx is not None and is_op(self.graph.node[idx], "Constant"):
             tensor = _constant_node_tensor(self.graph.node[idx])
             return tensor.data_type if tensor is not None else None
         if self.parent is not None and name not in self.graph_inputs and idx is None:
@@ -187,7 +199,7 @@ class GraphView:
             idx = view.producer.get(name)
             if idx is not None:
                 node = view.graph.node[idx]
-                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                if is_op(node, "Constant"):
                     tensor = _constant_node_tensor(node)
                     return tuple(int(d) for d in tensor.dims) if tensor is not None else None
                 return None
@@ -297,14 +309,15 @@ class GraphView:
                 return shape
             if any(d < 0 for d in shape):
                 return f"the declared shape {list(shape)} of '{name}' is invalid"
-            dtype = _np_dtype(self.element_type(name))
+            elem = self.element_type(name)
+            dtype = np_dtype(elem) if elem is not None else None
             try:
                 return const_eval.placeholder(shape, dtype if dtype is not None else np.dtype(np.float32))
             except ValueError:  # more elements than numpy can index
                 return f"the declared shape {list(shape)} of '{name}' is too large"
         if need == "dtype":
             elem = self.element_type(name)
-            dtype = _np_dtype(elem) if elem is not None else None
+            dtype = np_dtype(elem) if elem is not None else None
             return const_eval.placeholder(None, dtype) if dtype is not None else None
         return None
 
@@ -374,7 +387,7 @@ class GraphView:
         idx = self.producer.get(name)
         if idx is not None:
             node = self.graph.node[idx]
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if is_op(node, "Constant"):
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:
                     return self._decode(tensor, "Constant node")
@@ -399,17 +412,17 @@ class GraphView:
 
 
 def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-        if attr.name == "value_float":
-            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
-        if attr.name == "value_floats":
-            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
-        if attr.name == "value_int":
-            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
-        if attr.name == "value_ints":
-            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return a.t
+        if a.name == "value_float":
+            return numpy_helper.from_array(np.array(a.f, dtype=np.float32))
+        if a.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(a.floats), dtype=np.float32))
+        if a.name == "value_int":
+            return numpy_helper.from_array(np.array(a.i, dtype=np.int64))
+        if a.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(a.ints), dtype=np.int64))
     return None
 
 
@@ -431,15 +444,6 @@ def _declared_dims(vi: onnx.ValueInfoProto) -> tuple[int, ...] | str:
     return tuple(int(d.dim_value) for d in tt.shape.dim)
 
 
-def _np_dtype(elem: int | None) -> np.dtype | None:
-    if not elem:
-        return None
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 _SAME_TYPE_AS_INPUT0 = frozenset({
     "Identity", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
     "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Clip", "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min",
@@ -459,7 +463,7 @@ _BOOL_OUT = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqua
 def _type_source(node: onnx.NodeProto, output: str) -> int | str | None:
     """Where ``output`` of ``node`` gets its element type: an ONNX type, the name of the input that has
     the same type, or None when this does not know."""
-    if node.domain not in ("", "ai.onnx"):
+    if not is_op(node, node.op_type):
         return None
     op = node.op_type
     if op == "Constant":
@@ -470,9 +474,13 @@ def _type_source(node: onnx.NodeProto, output: str) -> int | str | None:
     if op in _BOOL_OUT:
         return onnx.TensorProto.BOOL
     if op == "Cast":
-        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+        to = attr(node, "to")
+        return None if to is None else int(to)
     if op == "ConstantOfShape":
-        return next((a.t.data_type for a in node.attribute if a.name == "value"), onnx.TensorProto.FLOAT)
+        value = attr(node, "value")
+        if value is None:
+            return onnx.TensorProto.FLOAT  # its default value is a float32 zero
+        return value.data_type if isinstance(value, onnx.TensorProto) else None
     first_output = bool(node.output) and node.output[0] == output
     if op == "CastLike" and first_output and len(node.input) > 1:
         return node.input[1]

@@ -33,9 +33,10 @@ import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
 from bnfold._protowire import WireError, scan_model
+from bnfold.dtypes import np_dtype, tensor_nbytes
 from bnfold.errors import BadInputError, OutputError, first_line
 from bnfold.staging import StagedModel, checkable_copy, stage_model
-from bnfold.tensor_store import LAZY_MIN_BYTES, TensorStore, nbytes_of, set_external_ref
+from bnfold.tensor_store import LAZY_MIN_BYTES, TensorStore, all_tensors, set_external_ref
 
 __all__ = [
     "LAZY_MIN_BYTES",
@@ -43,6 +44,7 @@ __all__ = [
     "ModelSource",
     "NameAllocator",
     "StagedModel",
+    "all_tensors",
     "atomic_write_bytes",
     "checkable_copy",
     "has_external_data",
@@ -131,7 +133,7 @@ def load_lazily(source: str | os.PathLike[str], *, min_bytes: int = LAZY_MIN_BYT
         set_external_ref(item.tensor, path.name, item.offset, item.length)
     _check_is_model(model, str(path))
     for item in lazy:
-        expected = nbytes_of(item.tensor)
+        expected = tensor_nbytes(item.tensor)
         if expected is not None and expected != item.length:
             raise BadInputError(
                 f"{path}: invalid ONNX model (tensor '{item.tensor.name}' has {item.length} bytes of data; "
@@ -139,7 +141,7 @@ def load_lazily(source: str | os.PathLike[str], *, min_bytes: int = LAZY_MIN_BYT
             )
     store = TensorStore(path.parent, model_path=path.resolve())
     if not inline:
-        for tensor in _all_tensors(model):
+        for tensor in all_tensors(model):
             if tensor.data_location == _EXTERNAL:
                 try:
                     store.ref(tensor)
@@ -151,17 +153,13 @@ def load_lazily(source: str | os.PathLike[str], *, min_bytes: int = LAZY_MIN_BYT
 
 def materialize(lazy: LazyModel) -> None:
     """Read every tensor of ``lazy.proto`` that is on disk into memory (one tensor at a time)."""
-    for tensor in _all_tensors(lazy.proto):
+    for tensor in all_tensors(lazy.proto):
         if tensor.data_location == _EXTERNAL:
             try:
                 lazy.store.materialize(tensor)
             except (BadInputError, OSError) as exc:
                 detail = getattr(exc, "strerror", None) or str(exc)
                 raise BadInputError(f"{lazy.path}: external data could not be read ({detail})") from exc
-
-
-def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return list(onnx.external_data_helper._get_all_tensors(model))
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -195,18 +193,19 @@ def _check_tensors(model: onnx.ModelProto, what: str) -> None:
     short, and bnfold's checker copy leaves large tensors out), or (small tensors, decoded here) any
     other data that does not fit the shape. External-data tensors are checked where they are read."""
     known = set(onnx.TensorProto.DataType.values())
-    for t in onnx.external_data_helper._get_all_tensors(model):
+    for t in all_tensors(model):
         if t.data_type not in known:
             raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' has unknown element type "
                                 f"{t.data_type})")
-        if (t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in _NOT_DECODED
+        dtype = np_dtype(t.data_type)
+        if (t.data_location == onnx.TensorProto.EXTERNAL or dtype is None or dtype.kind == "O"
                 or any(d < 0 for d in t.dims)):  # negative dims: onnx.checker says so, in its words
-            continue
-        nbytes = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if t.HasField("raw_data") and nbytes_of(t) is not None and len(t.raw_data) != nbytes:
+            continue  # external: checked where read; UNDEFINED or STRING: no fixed size to check
+        nbytes = tensor_nbytes(t)
+        if t.HasField("raw_data") and nbytes is not None and len(t.raw_data) != nbytes:
             raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' has {len(t.raw_data)} bytes of "
                                 f"data; its shape {list(t.dims)} needs {nbytes})")
-        if nbytes > _DECODE_CHECK_BYTES:
+        if math.prod(t.dims) * dtype.itemsize > _DECODE_CHECK_BYTES:
             continue
         try:
             onnx.numpy_helper.to_array(t)
@@ -216,14 +215,8 @@ def _check_tensors(model: onnx.ModelProto, what: str) -> None:
                                 f"cannot be read: {detail})") from exc
 
 
-_NOT_DECODED = {onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING}
-
-
 def has_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL
-        for t in onnx.external_data_helper._get_all_tensors(model)
-    )
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
 
 
 def save_model(

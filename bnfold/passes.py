@@ -24,10 +24,12 @@ import onnx
 from bnfold.const_eval import is_pure
 from bnfold.errors import BadInputError, BnfoldError, first_line
 from bnfold.graph import GraphView, subgraphs, used_names
+from bnfold.nodes import is_op
 from bnfold.onnx_io import NameAllocator, StagedModel, checkable_copy
-from bnfold.rules import affine, select_rules
+from bnfold.results import FoldedPair
+from bnfold.rules import PRODUCER_RULES, affine, select_rules
 from bnfold.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
-from bnfold.rules.batchnorm import NEVER_FOLDABLE, bn_norm, is_op
+from bnfold.rules.batchnorm import NEVER_FOLDABLE, bn_norm
 from bnfold.tensor_store import TensorStore
 
 __all__ = ["FoldOptions", "FoldResult", "FoldedPair", "Skip", "count_nodes", "fold_in_place", "fold_onnx"]
@@ -46,19 +48,6 @@ SOURCES: tuple[Source, ...] = (_bn_source, affine.norm_source)
 """Where normalizations come from. Each returns a Norm to fold, a Skip to report, or None."""
 
 _PRODUCERS = "Conv, ConvTranspose, Gemm, MatMul"
-
-
-@dataclass(frozen=True)
-class FoldedPair:
-    """One normalization folded into its producer."""
-
-    rule: str
-    producer_op: str
-    output: str
-    """The tensor the folded producer now writes: the removed normalization's output name, present in
-    both the original and the folded model (what verification compares to localise a bad fold)."""
-    norm_op: str
-    graph: str = ""
 
 
 @dataclass
@@ -155,7 +144,7 @@ def _in_functions(model: onnx.ModelProto) -> Iterator[Skip]:
     its inputs, so they are not constants of the function body)."""
     for f in model.functions:
         for node in f.node:
-            if is_op(node, "BatchNormalization") or (node.domain in ("", "ai.onnx") and node.op_type in NEVER_FOLDABLE):
+            if is_op(node, "BatchNormalization") or is_op(node, NEVER_FOLDABLE):
                 yield Skip(output=node.output[0] if node.output else "", op_type=node.op_type,
                            reason=f"inside model-local function '{f.domain}:{f.name}': bnfold does not fold "
                            "inside function bodies", graph=f"function {f.domain}:{f.name}")
@@ -186,8 +175,8 @@ def _fold_graph(
     while True:
         view = GraphView(graph, parent=parent, path=path, opset=names.opset,
                          initializers_as_constants=options.initializers_as_constants, data=store)
-        ctx = FoldContext(view, names, options, opset=names.opset)
-        accepted, skips, deferred = _plan(ctx, rules, keep)
+        ctx = FoldContext(view, names, options, opset=names.opset, rules=rules, producer_rules=PRODUCER_RULES)
+        accepted, skips, deferred = _plan(ctx, keep)
         if not accepted:
             break
         _apply(graph, accepted, orphans)
@@ -221,11 +210,9 @@ _MALFORMED = (ArithmeticError, ValueError, IndexError, KeyError, TypeError)
 """What reading a malformed node can raise. Matching only reads, so turning these into a refusal is safe."""
 
 
-def _plan(
-    ctx: FoldContext, rules: tuple[ModuleType, ...], keep: Callable[[Fold], Fold] = lambda fold: fold
-) -> tuple[list[Fold], list[Skip], int]:
-    """Match every normalization; accept folds whose nodes do not overlap an earlier accepted fold.
-    ``keep`` receives each accepted fold as it is accepted (and may move its new tensors to disk)."""
+def _plan(ctx: FoldContext, keep: Callable[[Fold], Fold] = lambda fold: fold) -> tuple[list[Fold], list[Skip], int]:
+    """Match every normalization against ``ctx.rules``; accept folds whose nodes do not overlap an earlier
+    accepted fold. ``keep`` receives each accepted fold as it is accepted (and may move its new tensors to disk)."""
     accepted: list[Fold] = []
     skips: list[Skip] = []
     claimed: set[int] = set()
@@ -246,7 +233,7 @@ def _plan(
             if isinstance(norm, Skip):
                 skips.append(norm)
                 break
-            outcome = _match(ctx, rules, norm)
+            outcome = _match(ctx, norm)
             if isinstance(outcome, Fold):
                 if outcome.touched & claimed:
                     deferred += 1
@@ -259,9 +246,9 @@ def _plan(
     return accepted, skips, deferred
 
 
-def _match(ctx: FoldContext, rules: tuple[ModuleType, ...], norm: Norm) -> Fold | Skip | None:
+def _match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     first_skip: Skip | None = None
-    for rule in rules:
+    for rule in ctx.rules:
         try:
             outcome = rule.match(ctx, norm)
         except _MALFORMED as exc:
@@ -287,7 +274,7 @@ def _match(ctx: FoldContext, rules: tuple[ModuleType, ...], norm: Norm) -> Fold 
     else:
         reason = (
             f"its input '{norm.input}' comes from {view.describe(producer)}, which is not a linear op "
-            f"with constant weights that the enabled rules ({', '.join(r.NAME for r in rules) or 'none'}) "
+            f"with constant weights that the enabled rules ({', '.join(r.NAME for r in ctx.rules) or 'none'}) "
             f"fold into ({_PRODUCERS})"
         )
     return ctx.skip(norm.output, norm.op_type, reason)
@@ -295,7 +282,7 @@ def _match(ctx: FoldContext, rules: tuple[ModuleType, ...], norm: Norm) -> Fold 
 
 def _never_foldable(view: GraphView) -> Iterator[Skip]:
     for node in view.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type in NEVER_FOLDABLE:
+        if is_op(node, NEVER_FOLDABLE):
             yield Skip(output=node.output[0] if node.output else "", op_type=node.op_type,
                        reason=NEVER_FOLDABLE[node.op_type], graph=view.path)
 
@@ -381,9 +368,9 @@ def _remove_dead_nodes(graph: onnx.GraphProto, candidates: set[str]) -> None:
         for idx in range(len(graph.node) - 1, -1, -1):
             node = graph.node[idx]
             outs = [o for o in node.output if o]
-            if idx in dead or not outs or not (node.op_type == "Constant" or is_pure(node)):
+            if idx in dead or not outs or not (is_op(node, "Constant") or is_pure(node)):
                 continue
-            if node.domain not in ("", "ai.onnx") or any(readers[o] for o in outs):
+            if any(readers[o] for o in outs):
                 continue
             if not any(o in candidates for o in outs):
                 continue

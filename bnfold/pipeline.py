@@ -119,7 +119,7 @@ class FoldRun:
         from bnfold.report import fold_report
 
         report = fold_report(
-            self.fold,  # type: ignore[arg-type]  # TorchFoldResult has the same fields
+            self.fold,
             input_path=str(self.input_path),
             output_path=None if self.output_path is None else str(self.output_path),
             written=self.written,
@@ -306,7 +306,7 @@ def _fold_torchscript(
     progress: ProgressCallback | None,
 ) -> FoldRun:
     from bnfold.errors import VerificationFailedError
-    from bnfold.torchscript import fold_torchscript, fold_torchscript_to_onnx
+    from bnfold.torchscript import TorchExportResult, TorchFoldResult, fold_torchscript, fold_torchscript_to_onnx
     from bnfold.verify import Tolerances
 
     if isinstance(shapes, Mapping) and "" in shapes:
@@ -328,7 +328,9 @@ def _fold_torchscript(
                 tolerances=Tolerances(options.rtol, options.atol), seeds=options.seeds,
             )
     except VerificationFailedError as exc:  # nothing written; a result like the ONNX path's
-        outcome = exc.result  # type: ignore[attr-defined]
+        if not isinstance(exc.result, TorchFoldResult | TorchExportResult):
+            raise
+        outcome = exc.result
     written = outcome.path is not None
     if written:
         output_bytes = model_file_bytes(out) if to_onnx else _stat_size(out)

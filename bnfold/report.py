@@ -14,7 +14,8 @@ major version)::
       "skipped": [{"output": str, "op_type": str, "reason": str, "graph": str}],
       "verification": object|null,     # bnfold.verify Comparison.to_dict()
       "latency": object|null,          # bnfold.latency() LatencyReport.to_dict()
-      "environment": {"python": str, "platform": str, "onnx": str, "onnxruntime": str, "numpy": str},
+      "environment": object,           # bnfold.environment Environment.to_dict(): "python", "platform",
+                                       # "onnx", "onnxruntime", "numpy", the machine, the providers
       "exit_code": int
     }
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import asdict
 from typing import Any
 
@@ -32,29 +32,16 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.passes import FoldResult
+from bnfold.environment import Environment
+from bnfold.results import FoldSummary
 
-__all__ = ["SCHEMA", "environment", "fold_report", "render_fold", "render_rules", "write_json"]
+__all__ = ["SCHEMA", "fold_report", "render_fold", "render_rules", "write_json"]
 
 SCHEMA = "bnfold.report/1"
 
 
-def environment() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
 def fold_report(
-    result: FoldResult,
+    result: FoldSummary,
     *,
     input_path: str | None,
     output_path: str | None,
@@ -86,7 +73,7 @@ def fold_report(
         "skipped": [asdict(s) for s in result.skipped],
         "verification": None,
         "latency": None,
-        "environment": environment(),
+        "environment": Environment.capture().to_dict(),
         "exit_code": 0,
     }
 

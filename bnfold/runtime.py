@@ -19,12 +19,11 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
-from onnx import numpy_helper
 
 from bnfold.errors import BadInputError, BnfoldError, ExitCode, MissingDependencyError
-from bnfold.onnx_io import load_model
+from bnfold.onnx_io import load_lazily, load_model
+from bnfold.staging import INLINE_LIMIT, stage_model
+from bnfold.tensor_store import LAZY_MIN_BYTES
 
 __all__ = [
     "CPU",
@@ -84,8 +83,11 @@ ProviderProbe = Callable[[str], "str | None"]
 """``probe(provider) -> None`` when a session really runs on ``provider``, else a one-line reason."""
 
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-_PROTO_LIMIT = 2**31 - 2**20  # a little under protobuf's 2 GiB, for headroom
-_SPILL_THRESHOLD = 1024  # bytes: tensors at least this big go to external data when spilling
+_PROTO_LIMIT = INLINE_LIMIT
+"""A ModelProto at least this big is written with external data for onnxruntime, not serialised."""
+_SPILL_THRESHOLD = LAZY_MIN_BYTES
+"""Initializers of at least this many bytes go to the external data file then. (Both are module
+attributes, read at call time, so that tests can pretend a small model is over 2 GB.)"""
 
 
 class SessionError(Exception):
@@ -222,90 +224,46 @@ class ModelHandle:
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto | ModelHandle
 
 
-def _is_repeated(fd: FieldDescriptor) -> bool:
-    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6 has ``is_repeated``; ``label`` is gone in 7
-    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
-
-
-def _copy_fields(src: Message, dst: Message, skip: str) -> None:
-    """Copy every set field of ``src`` into ``dst`` except ``skip`` (which is never touched)."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if _is_repeated(fd):
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def _spill(model: onnx.ModelProto, folder: Path) -> tuple[onnx.ModelProto, Path]:
-    """Write ``model`` under ``folder`` with its large main-graph initializers as external data, without
-    mutating ``model`` and holding at most one tensor's bytes extra; returns (the light model, its path)."""
-    light = onnx.ModelProto()
-    _copy_fields(model, light, skip="graph")
-    _copy_fields(model.graph, light.graph, skip="initializer")
-    with open(folder / "weights.bin", "wb") as f:
-        offset = 0
-        for tensor in model.graph.initializer:
-            copy = light.graph.initializer.add()
-            if tensor.ByteSize() < _SPILL_THRESHOLD or tensor.data_location == onnx.TensorProto.EXTERNAL:
-                copy.CopyFrom(tensor)
-                continue
-            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-            copy.name, copy.data_type = tensor.name, tensor.data_type
-            copy.dims.extend(tensor.dims)
-            copy.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = copy.external_data.add()
-                entry.key, entry.value = key, value
-            f.write(raw)
-            offset += len(raw)
-    path = folder / "model.onnx"
-    path.write_bytes(light.SerializeToString())
-    return light, path
-
-
 def open_model(source: ModelSource, label: str, *, in_memory: bool = False) -> ModelHandle:
     """A path, bytes or ModelProto (or an existing handle, returned as is) ready for onnxruntime.
 
+    A path is handed to onnxruntime as it is (``in_memory``: its bytes, its folder named for external
+    data); the handle's graph is read without its large tensors (:func:`bnfold.onnx_io.load_lazily`). A
+    ModelProto too big for one protobuf is written with external data to a temporary folder first.
     Raises BadInputError (naming ``label``) when it is missing or not an ONNX model. Close the handle
-    (or use it as a context manager) to remove a spilled model's temporary folder.
+    (or use it as a context manager) to remove that temporary folder.
     """
     if isinstance(source, ModelHandle):
         return source
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise BadInputError(f"{path}: no such file (model '{label}')")
-        try:
-            data = path.read_bytes()
-            proto = onnx.ModelProto.FromString(data)  # external data stays on disk
-        except OSError as err:
-            raise BadInputError(f"{path}: cannot read (model '{label}'): {err.strerror or err}") from None
-        except Exception:  # protobuf raises several unrelated types
-            raise BadInputError(f"{path}: not an ONNX model (protobuf could not parse it)") from None
-        if not proto.HasField("graph"):
-            raise BadInputError(f"{path}: not an ONNX model (no graph)")
-        return ModelHandle(label, proto, data=data if in_memory else None, path=path, external_dir=path.parent)
-    if not isinstance(source, (bytes, bytearray, memoryview, onnx.ModelProto)):
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview, onnx.ModelProto)):
         raise TypeError(f"model '{label}' must be a path, bytes or onnx.ModelProto, not {type(source).__name__}")
-    data = None if isinstance(source, onnx.ModelProto) else bytes(source)
     try:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            proto = load_lazily(path).proto  # the graph; onnxruntime reads the tensors itself
+            data = path.read_bytes() if in_memory else None
+            return ModelHandle(label, proto, data=data, path=path, external_dir=path.parent)
+        data = None if isinstance(source, onnx.ModelProto) else bytes(source)
         proto = load_model(source if data is None else data)
     except BadInputError as err:
         raise BadInputError(f"{err} (model '{label}')") from None
+    except OSError as err:
+        raise BadInputError(f"{source}: cannot read (model '{label}'): {err.strerror or err}") from None
     if data is not None:
         return ModelHandle(label, proto, data=data)
     assert isinstance(source, onnx.ModelProto)
     if source.ByteSize() < _PROTO_LIMIT:
         return ModelHandle(label, source, data=source.SerializeToString())
     tmp = tempfile.TemporaryDirectory(prefix="bnfold-ort-")
-    light, path = _spill(source, Path(tmp.name))
-    logger.info("model '%s' is over 2 GB; spilled to %s for onnxruntime", label, path)
-    data = path.read_bytes() if in_memory else None
-    return ModelHandle(label, light, data=data, path=path, external_dir=path.parent, _tmp=tmp)
+    try:  # the staged files are never committed: they go with the folder
+        staged = stage_model(source, Path(tmp.name) / "model.onnx", external_data=True, min_bytes=_SPILL_THRESHOLD)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    assert staged.model is not None
+    logger.info("model '%s' is over 2 GB; written with external data to %s for onnxruntime", label, staged.path)
+    data = staged.path.read_bytes() if in_memory else None
+    return ModelHandle(label, staged.model, data=data, path=staged.path, external_dir=staged.dir, _tmp=tmp)
 
 
 def provider_chain(provider: str, options: Mapping[str, str] | None = None) -> list[str | tuple[str, dict[str, str]]]:

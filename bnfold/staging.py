@@ -37,15 +37,16 @@ from pathlib import Path
 import onnx
 
 from bnfold._protowire import GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD, field_header, scan_model, split
+from bnfold.dtypes import tensor_nbytes
 from bnfold.errors import OutputError
 from bnfold.tensor_store import (
     ALIGN,
     ALIGN_MIN_BYTES,
     LAZY_MIN_BYTES,
     TensorStore,
+    all_tensors,
     copy_header,
     external_ref,
-    nbytes_of,
     set_external_ref,
     write_all,
 )
@@ -65,11 +66,12 @@ def stage_model(
     *,
     external_data: bool | None = None,
     store: TensorStore | None = None,
+    min_bytes: int = LAZY_MIN_BYTES,
 ) -> StagedModel:
     """Write ``model`` for ``path`` under temporary names beside it; see :class:`StagedModel`."""
     staged = StagedModel(path)
     try:
-        staged.write(model, store=store, external_data=external_data)
+        staged.write(model, store=store, external_data=external_data, min_bytes=min_bytes)
     except BaseException:
         staged.discard()
         raise
@@ -126,13 +128,15 @@ class StagedModel:
 
     # -- writing ----------------------------------------------------------------------------------
     def write(self, model: onnx.ModelProto, *, store: TensorStore | None = None,
-              external_data: bool | None = None) -> None:
-        """Write ``model`` into the staging folder (once). ``model`` is not modified."""
+              external_data: bool | None = None, min_bytes: int = LAZY_MIN_BYTES) -> None:
+        """Write ``model`` into the staging folder (once). ``model`` is not modified. ``external_data``: None
+        chooses external data when the model would exceed :data:`INLINE_LIMIT`; the main-graph initializers
+        of at least ``min_bytes`` then go to the data file."""
         if self.model is not None:
             raise RuntimeError("a StagedModel is written once")
         self.store = store
         try:
-            light, sources = _light_copy(model, store)
+            light, sources = _light_copy(model, store, min_bytes)
             inline_size = _inline_size(light, sources)
             use_external = external_data if external_data is not None else inline_size > INLINE_LIMIT
             if use_external:
@@ -307,9 +311,11 @@ def _reusable_spill(
     return spill if live and store.spill_end - live <= store.spill_end // 64 else None
 
 
-def _light_copy(model: onnx.ModelProto, store: TensorStore | None) -> tuple[onnx.ModelProto, list[_Data | None]]:
-    """A copy of ``model`` without the bytes of its large main-graph initializers, and where each one's
-    bytes are (None for those copied whole). Nothing large is copied."""
+def _light_copy(
+    model: onnx.ModelProto, store: TensorStore | None, min_bytes: int = LAZY_MIN_BYTES
+) -> tuple[onnx.ModelProto, list[_Data | None]]:
+    """A copy of ``model`` without the bytes of its main-graph initializers of at least ``min_bytes``, and
+    where each one's bytes are (None for those copied whole). Nothing large is copied."""
     if not model.HasField("graph"):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -326,8 +332,8 @@ def _light_copy(model: onnx.ModelProto, store: TensorStore | None) -> tuple[onnx
                 data = _Data(None, ref, ref[2])
             body = tensor.SerializeToString()
         else:
-            size = nbytes_of(tensor)
-            if size is not None and size >= LAZY_MIN_BYTES and tensor.HasField("raw_data"):
+            size = tensor_nbytes(tensor)
+            if size is not None and size >= min_bytes and tensor.HasField("raw_data"):
                 header = onnx.TensorProto()
                 copy_header(tensor, header)
                 body = header.SerializeToString()
@@ -522,7 +528,7 @@ def _data_files_of_model(model: onnx.ModelProto, directory: Path) -> set[Path]:
     """The files that ``model``'s external-data references name, when they lie in ``directory``."""
     found: set[Path] = set()
     base = directory.resolve()
-    locations = {external_ref(t)[0] for t in _all_tensors(model) if t.data_location == _EXTERNAL}
+    locations = {external_ref(t)[0] for t in all_tensors(model) if t.data_location == _EXTERNAL}
     for location in locations:
         if not isinstance(location, str) or not location or "\0" in location:
             continue
@@ -579,9 +585,3 @@ class _RangeCopier:
                 raise OSError(f"{path.name}: unexpected end of file")
             write_all(out, chunk)
             offset += len(chunk)
-
-
-
-
-def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return list(onnx.external_data_helper._get_all_tensors(model))

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from onnx import helper, numpy_helper
 
 from bnfold._protowire import RAW_DATA_FIELD, unknown_bytes
+from bnfold.dtypes import PLAIN_TYPES, elem_type, tensor_nbytes
 from bnfold.errors import BadInputError, OutputError
 
 __all__ = [
@@ -33,9 +35,9 @@ __all__ = [
     "ALIGN_MIN_BYTES",
     "LAZY_MIN_BYTES",
     "TensorStore",
+    "all_tensors",
     "copy_header",
     "external_ref",
-    "nbytes_of",
     "set_external_ref",
     "write_all",
 ]
@@ -52,13 +54,12 @@ ALIGN_MIN_BYTES = 1 << 20
 
 _EXTERNAL = onnx.TensorProto.EXTERNAL
 _DATA_FIELDS = frozenset({RAW_DATA_FIELD, 13, 14})  # raw_data, external_data, data_location
-_PLAIN_TYPES = {
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
-    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
-    onnx.TensorProto.BOOL,
-}
-"""Element types whose raw bytes are exactly numpy's little-endian layout (no packing)."""
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    """Every tensor of ``model`` that can hold data: the initializers and attribute tensors (``Constant``
+    nodes) of every graph and subgraph, and the attribute tensors of local functions."""
+    return onnx.external_data_helper._get_all_tensors(model)  # bnfold's one use of this private onnx API
 
 
 def external_ref(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
@@ -82,13 +83,6 @@ def set_external_ref(tensor: onnx.TensorProto, location: str, offset: int, lengt
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-
-
-def nbytes_of(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the data of ``tensor`` takes in ``raw_data`` layout, from its shape (None if not a plain type)."""
-    if tensor.data_type not in _PLAIN_TYPES:
-        return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 class TensorStore:
@@ -155,7 +149,7 @@ class TensorStore:
                 f"tensor {tensor.name!r}: external data {location!r} [{offset}, {offset + length}) is past "
                 f"the end of the file ({size} bytes)"
             )
-        expected = nbytes_of(tensor)
+        expected = tensor_nbytes(tensor)
         if expected is not None and expected != length:
             raise BadInputError(
                 f"tensor {tensor.name!r}: {length} bytes of data for shape {list(tensor.dims)} "
@@ -183,7 +177,7 @@ class TensorStore:
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The value of an external tensor, read from disk (only its own bytes)."""
-        if tensor.data_type in _PLAIN_TYPES and sys.byteorder == "little":
+        if tensor.data_type in PLAIN_TYPES and sys.byteorder == "little":
             path, offset, length = self.ref(tensor)
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
             flat = np.fromfile(path, dtype=np.uint8, count=length, offset=offset)
@@ -244,11 +238,8 @@ class TensorStore:
         its layout is not ONNX's (then the caller builds an ordinary in-memory tensor)."""
         if self._spill is None or array.nbytes < self._spill_min or sys.byteorder != "little":
             return None
-        try:
-            data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        except (KeyError, ValueError, TypeError):
-            return None
-        if data_type not in _PLAIN_TYPES:
+        data_type = elem_type(array.dtype)
+        if data_type is None or data_type not in PLAIN_TYPES:
             return None
         contiguous = np.ascontiguousarray(array)
         offset = self._append(memoryview(contiguous.reshape(-1).view(np.uint8)))

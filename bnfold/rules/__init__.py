@@ -11,12 +11,17 @@ from types import ModuleType
 from bnfold.rules import affine, bn_conv, conv, conv_transpose, gemm, layout, matmul
 from bnfold.rules.base import RuleInfo
 
-__all__ = ["RULES", "rule_infos", "select_rules"]
+__all__ = ["PATTERN_RULES", "PRODUCER_RULES", "RULES", "rule_infos", "select_rules"]
 
-RULES: tuple[ModuleType, ...] = (conv, conv_transpose, gemm, matmul, affine, layout, bn_conv)
-"""Producers first (a normalization folds backward into what computes its input); then the decomposed
-normalizations (``affine``: Mul/Add chains, found by its own source in ``passes.SOURCES``), the ones
-reached through layout ops, and last the forward fold into the following Conv (``bn_conv``)."""
+PRODUCER_RULES: tuple[ModuleType, ...] = (conv, conv_transpose, gemm, matmul)
+"""Rules that fold a normalization backward into the producer that computes its input."""
+PATTERN_RULES: tuple[ModuleType, ...] = (affine, layout, bn_conv)
+"""Rules that find a wider pattern and hand the fold to the producer rules (``FoldContext.producer_rules``)
+or fold forward: the decomposed normalizations (``affine``: Mul/Add chains, found by its own source in
+``passes.SOURCES``), the ones reached through layout ops, and the fold into the following Conv
+(``bn_conv``)."""
+RULES: tuple[ModuleType, ...] = PRODUCER_RULES + PATTERN_RULES
+"""Every rule, in the order tried: producers first, then the pattern rules."""
 
 
 def rule_infos() -> list[RuleInfo]:
@@ -31,6 +36,7 @@ def rule_infos() -> list[RuleInfo]:
 
 
 def select_rules(only: frozenset[str] | None, skip: frozenset[str]) -> tuple[ModuleType, ...]:
+    """The rules ``--only`` / ``--skip`` leave, in RULES order; an unknown name is a ValueError."""
     known = {m.NAME for m in RULES}
     unknown = ((only or frozenset()) | skip) - known
     if unknown:

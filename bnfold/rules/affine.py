@@ -35,12 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnfold.folding import Affine, compose
-from bnfold.rules.base import Fold, FoldContext, Norm, Skip
-from bnfold.rules.batchnorm import is_op
+from bnfold.nodes import attr, is_op
+from bnfold.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip
 from bnfold.rules.layout import walk_back
-from bnfold.rules.linear import FLOAT_TYPES
-from bnfold.rules.producers import Producer, delegate, linear_producer, producer_rules
-from bnfold.rules.shapes import node_attr, shape_of
+from bnfold.rules.producers import Producer, delegate, linear_producer
+from bnfold.rules.shapes import shape_of
 
 __all__ = ["NAME", "OPS", "match", "norm_source"]
 
@@ -60,16 +59,11 @@ class _Step:
     const_first: bool
 
 
-def _enabled(ctx: FoldContext) -> bool:
-    only = ctx.options.only
-    return (only is None or NAME in only) and NAME not in ctx.options.skip
-
-
 def _step(ctx: FoldContext, idx: int) -> _Step | None:
     """The node at ``idx`` as ``op(tensor, constant)``, or None when it is not one."""
     view = ctx.view
     node = view.node(idx)
-    if node.op_type not in OPS or not is_op(node, node.op_type) or len(node.input) != 2:
+    if not is_op(node, OPS) or len(node.input) != 2:
         return None
     if len(node.output) != 1 or not node.output[0]:
         return None
@@ -121,9 +115,9 @@ def _axis_values(ctx: FoldContext, step: _Step, target: _Target) -> tuple[int | 
     view = ctx.view
     node = view.node(step.idx)
     desc = view.describe(step.idx)
-    if node_attr(node, "axis") is not None:
+    if attr(node, "axis") is not None:
         return f"{desc} uses legacy broadcasting with an axis attribute"
-    if node_attr(node, "broadcast") and step.const_first:
+    if attr(node, "broadcast") and step.const_first:
         return f"{desc} broadcasts its first input (legacy broadcast=1)"
     value = np.asarray(step.value, dtype=np.float64)
     rank = target.rank
@@ -174,7 +168,7 @@ def norm_source(ctx: FoldContext, idx: int) -> Norm | Skip | None:
     """The chain of constant Mul/Add/Sub/Div starting at node ``idx`` right after a linear producer (or
     after layout ops from one), as one :class:`Norm`; a Skip when that first node is not per-channel;
     None when it is not such a node."""
-    if not _enabled(ctx):
+    if not ctx.runs(NAME):
         return None
     view = ctx.view
     node = view.node(idx)
@@ -252,5 +246,5 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     affine``) are asked here, so selecting this rule is enough to fold decomposed normalizations."""
     if norm.op_type == "BatchNormalization" or not set(norm.op_type.split("+")) <= set(OPS):
         return None
-    return delegate(ctx, norm, producer_rules(ctx, unselected_only=True))
+    return delegate(ctx, norm, tuple(r for r in ctx.producer_rules if not ctx.runs(r.NAME)))
 

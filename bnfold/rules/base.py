@@ -11,17 +11,22 @@ allocator.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.dtypes import is_float, np_dtype
 from bnfold.folding import Affine, RoundingError, round_to
 from bnfold.graph import GraphView
 from bnfold.onnx_io import NameAllocator
+from bnfold.results import Skip
 
 __all__ = [
+    "FLOAT_TYPES",
     "Fold",
     "FoldContext",
     "FoldOptions",
@@ -30,10 +35,24 @@ __all__ = [
     "Skip",
     "clone_refusal",
     "constant_or_skip",
+    "copy_node",
     "new_tensor",
+    "non_float_skip",
+    "producer_fold",
+    "rounding_skip",
     "sole_consumer_skip",
     "unique_node_name",
 ]
+
+
+def _writable_float(elem: int) -> bool:
+    """A floating-point type of 16 bits or more (not float8/6/4): what a folded weight is rounded to."""
+    dtype = np_dtype(elem)
+    return dtype is not None and is_float(dtype) and dtype.itemsize >= 2
+
+
+FLOAT_TYPES: frozenset[int] = frozenset(t for t in onnx.TensorProto.DataType.values() if _writable_float(t))
+"""ONNX element types a weight may have to be folded: FLOAT16, BFLOAT16, FLOAT, DOUBLE."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +69,6 @@ class FoldOptions:
     """Allow cloning a producer whose output has other consumers (rules that support it)."""
     max_clone_bytes: int = 1 << 20
     """Largest extra weight a clone may add."""
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A normalization left in the graph, and why."""
-
-    output: str
-    op_type: str
-    reason: str
-    graph: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,9 +117,18 @@ class FoldContext:
     options: FoldOptions
     opset: int = 0
     """The model's default-domain (``ai.onnx``) opset version; 0 when unknown."""
+    rules: tuple[ModuleType, ...] = ()
+    """The rules the pass runs, in order (``--only`` / ``--skip`` applied): ``bnfold.rules.select_rules``."""
+    producer_rules: tuple[ModuleType, ...] = ()
+    """Every rule that folds into a producer, selected or not (``bnfold.rules.PRODUCER_RULES``): the
+    pattern rules hand the normalizations they find to these."""
 
     def skip(self, norm_output: str, op_type: str, reason: str) -> Skip:
         return Skip(output=norm_output, op_type=op_type, reason=reason, graph=self.view.path)
+
+    def runs(self, rule: str) -> bool:
+        """Whether the pass runs the rule named ``rule`` itself."""
+        return rule in {r.NAME for r in self.rules}
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,16 @@ def sole_consumer_skip(ctx: FoldContext, producer: int, norm: Norm) -> Skip | No
     return None
 
 
+def non_float_skip(ctx: FoldContext, norm: Norm, name: str, role: str) -> Skip | None:
+    """A Skip when constant ``name`` (``role``: "weight 'W' of Conv 'c'") is known to have an element
+    type other than :data:`FLOAT_TYPES`; None when it is a float or its type is not known yet."""
+    elem = ctx.view.constant_dtype(name)
+    if elem is None or elem in FLOAT_TYPES:
+        return None
+    return ctx.skip(norm.output, norm.op_type, f"{role} has element type "
+                    f"{onnx.TensorProto.DataType.Name(elem)}, not a floating-point type")
+
+
 def clone_refusal(ctx: FoldContext, norm: Norm, conflict: Skip, extra_bytes: int) -> Skip | None:
     """Whether a producer that has other users (``conflict``, from :func:`sole_consumer_skip`) may be
     cloned: None when it may (``options.clone`` and ``extra_bytes`` within ``options.max_clone_bytes``),
@@ -168,6 +196,47 @@ def clone_refusal(ctx: FoldContext, norm: Norm, conflict: Skip, extra_bytes: int
             f"than the {limit} allowed (max_clone_bytes)",
         )
     return None
+
+
+def copy_node(
+    node: onnx.NodeProto,
+    *,
+    inputs: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
+    name: str | None = None,
+) -> onnx.NodeProto:
+    """A copy of ``node`` (attributes, domain, doc string and all) with new inputs, outputs or name."""
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    if inputs is not None:
+        del new.input[:]
+        new.input.extend(inputs)
+    if outputs is not None:
+        del new.output[:]
+        new.output.extend(outputs)
+    if name is not None:
+        new.name = name
+    return new
+
+
+def producer_fold(
+    ctx: FoldContext,
+    rule: str,
+    producer: int,
+    norm: Norm,
+    new_node: onnx.NodeProto,
+    tensors: tuple[onnx.TensorProto, ...],
+    *,
+    clone: bool,
+) -> Fold:
+    """The Fold writing ``new_node`` (the producer with folded weights, writing ``norm.output``): in the
+    producer's place, or with ``clone`` (the producer keeps other users) as a clone just before it."""
+    op = ctx.view.node(producer).op_type
+    if clone:
+        return Fold(rule=rule, producer_op=op, norm=norm, replace={}, remove=norm.nodes, tensors=tensors,
+                    insert_before={producer: (new_node,)})
+    return Fold(rule=rule, producer_op=op, norm=norm, replace={producer: new_node}, remove=norm.nodes,
+                tensors=tensors)
 
 
 def unique_node_name(view: GraphView, node: onnx.NodeProto) -> str:

@@ -14,12 +14,12 @@ Formula:  ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale`` i
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from bnfold.folding import bn_affine
+from bnfold.nodes import attr
 from bnfold.rules.base import FoldContext, Norm, Skip
 
-__all__ = ["NEVER_FOLDABLE", "bn_norm", "is_op"]
+__all__ = ["NEVER_FOLDABLE", "bn_norm"]
 
 DEFAULT_EPSILON = 1e-5
 
@@ -38,17 +38,6 @@ NEVER_FOLDABLE = {
 }
 
 
-def is_op(node: onnx.NodeProto, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
-def _attr(node: onnx.NodeProto, name: str, default: float | int | None = None) -> float | int | None:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)  # type: ignore[no-any-return]
-    return default
-
-
 def bn_norm(ctx: FoldContext, idx: int) -> Norm | Skip:
     """The BatchNormalization at ``idx`` as a :class:`Norm`, or why it is not a fixed affine map."""
     view = ctx.view
@@ -58,11 +47,11 @@ def bn_norm(ctx: FoldContext, idx: int) -> Norm | Skip:
     def skip(reason: str) -> Skip:
         return ctx.skip(out, "BatchNormalization", reason)
 
-    if _attr(node, "training_mode", 0):
+    if attr(node, "training_mode", 0):
         return skip(f"{view.describe(idx)} has training_mode=1: it normalizes with batch statistics")
     # BatchNormalization-1 and -6 default to training (is_test=0); opset 7 removed the attribute
     legacy = 0 < ctx.opset < 7
-    if _attr(node, "is_test", 0 if legacy else 1) == 0:
+    if attr(node, "is_test", 0 if legacy else 1) == 0:
         return skip(f"{view.describe(idx)} is in training mode (is_test=0, the default before opset 7)")
     extra = [o for o in node.output[1:] if o]
     if extra:
@@ -81,7 +70,7 @@ def bn_norm(ctx: FoldContext, idx: int) -> Norm | Skip:
     sizes = {s.size for s in stats}
     if len(sizes) != 1:
         return skip(f"{view.describe(idx)} has statistics of different sizes {sorted(sizes)}")
-    if _attr(node, "spatial", 1) == 0 and any(s.ndim > 1 and s.size != s.shape[0] for s in stats):
+    if attr(node, "spatial", 1) == 0 and any(s.ndim > 1 and s.size != s.shape[0] for s in stats):
         return skip(
             f"{view.describe(idx)} has spatial=0 with per-position statistics of shape "
             f"{list(stats[0].shape)}: not one value per channel"
@@ -89,7 +78,7 @@ def bn_norm(ctx: FoldContext, idx: int) -> Norm | Skip:
     for role, name, s in zip(("scale", "bias", "mean", "variance"), node.input[1:5], stats, strict=True):
         if not np.all(np.isfinite(s)):
             return skip(f"BatchNormalization {role} '{name}' contains NaN or inf")
-    eps = float(_attr(node, "epsilon", DEFAULT_EPSILON))  # type: ignore[arg-type]
+    eps = float(attr(node, "epsilon", DEFAULT_EPSILON))
     if not np.all(stats[3] + float(np.float32(eps)) > 0):
         return skip(
             f"BatchNormalization variance '{node.input[4]}' plus epsilon is not positive somewhere: "

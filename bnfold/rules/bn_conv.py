@@ -29,11 +29,10 @@ import numpy as np
 import onnx
 
 from bnfold.folding import Affine, RoundingError
-from bnfold.rules.base import Fold, FoldContext, Norm, Skip, new_tensor, rounding_skip
-from bnfold.rules.batchnorm import is_op
-from bnfold.rules.linear import FLOAT_TYPES
+from bnfold.nodes import attr, is_op
+from bnfold.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip, copy_node, new_tensor, rounding_skip
 from bnfold.rules.producers import linear_producer
-from bnfold.rules.shapes import node_attr, shape_of
+from bnfold.rules.shapes import shape_of
 
 __all__ = ["NAME", "fold_into_input", "match"]
 
@@ -65,13 +64,13 @@ def _padding(ctx: FoldContext, conv: int, kernel: list[int], x_name: str) -> str
     view = ctx.view
     node = view.node(conv)
     n = len(kernel)
-    auto = node_attr(node, "auto_pad", b"NOTSET")
+    auto = attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
     if auto == "VALID":
         return None
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        strides = list(node_attr(node, "strides", [1] * n))
-        dilations = list(node_attr(node, "dilations", [1] * n))
+        strides = list(attr(node, "strides", [1] * n))
+        dilations = list(attr(node, "dilations", [1] * n))
         eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
         if all(e == 1 for e in eff):
             return None
@@ -82,7 +81,7 @@ def _padding(ctx: FoldContext, conv: int, kernel: list[int], x_name: str) -> str
             return f"auto_pad={auto} on an input of unknown size may pad"
         total = [max((-(-s // st) - 1) * st + e - s, 0) for s, st, e in zip(sizes, strides, eff, strict=True)]
         return None if not any(total) else f"auto_pad={auto} pads {total}"
-    pads = [int(p) for p in node_attr(node, "pads", [])]
+    pads = [int(p) for p in attr(node, "pads", [])]
     return f"pads={pads}" if any(pads) else None
 
 
@@ -148,7 +147,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
             if got.value is None:
                 return skip(f"cannot fold into {desc}: bias '{b_name}' {got.why_not}")
             bias = got.value
-        groups = int(node_attr(node, "group", 1))
+        groups = int(attr(node, "group", 1))
         if weight.ndim < 3 or weight.shape[0] % groups:
             return skip(f"cannot fold into {desc}: weight '{w_name}' has shape {list(weight.shape)}")
         channels = weight.shape[1] * groups
@@ -157,7 +156,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                         f"has {norm.affine.channels}")
         if bias is not None and bias.size != weight.shape[0]:
             return skip(f"cannot fold into {desc}: bias '{b_name}' has {bias.size} values")
-        kernel = [int(k) for k in node_attr(node, "kernel_shape", weight.shape[2:])]
+        kernel = [int(k) for k in attr(node, "kernel_shape", weight.shape[2:])]
         padding = _padding(ctx, idx, kernel, node.input[0])
         if padding is not None and not shift_zero:
             return skip(
@@ -175,12 +174,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                 return rounding_skip(ctx, norm, exc)
             tensors += [w_new, b_new]
             done[key] = (w_new.name, b_new.name)
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        inputs = [norm.input, *done[key]]
-        del new.input[:]
-        new.input.extend(inputs)
-        replace[idx] = new
+        replace[idx] = copy_node(node, inputs=[norm.input, *done[key]])
     first_out = view.node(convs[0]).output[0]
     return Fold(
         rule=NAME,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.folding import Affine, scale_axis
+from bnfold.nodes import is_op
 from bnfold.rules.base import Fold, FoldContext, Norm, Skip
-from bnfold.rules.batchnorm import is_op
 from bnfold.rules.linear import fold_weight_bias
 
 __all__ = ["NAME", "match"]

@@ -25,23 +25,14 @@ Formula:  the weight is ``[C_in, C_out/group, k...]``; output channel ``m = g * 
 
 from __future__ import annotations
 
-import onnx
-
 from bnfold.folding import scale_grouped_axis1
+from bnfold.nodes import attr, is_op
 from bnfold.rules.base import Fold, FoldContext, Norm, Skip
-from bnfold.rules.batchnorm import is_op
 from bnfold.rules.linear import fold_weight_bias
 
 __all__ = ["NAME", "match"]
 
 NAME = "conv_transpose"
-
-
-def _group(node: onnx.NodeProto) -> int:
-    for a in node.attribute:
-        if a.name == "group":
-            return int(a.i)
-    return 1
 
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
@@ -50,7 +41,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     if producer is None or not is_op(view.node(producer), "ConvTranspose"):
         return None
     node = view.node(producer)
-    group = _group(node)
+    group = int(attr(node, "group", 1))
     if group < 1:
         return ctx.skip(norm.output, norm.op_type, f"{view.describe(producer)} has group={group}")
     if len(node.input) > 1 and node.input[1]:

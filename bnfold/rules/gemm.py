@@ -31,10 +31,9 @@ Formula:  with ``scale``/``shift`` per column ``n`` (float64):
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from bnfold.folding import RoundingError, scale_axis
+from bnfold.nodes import attr, is_op
 from bnfold.rules.base import (
     Fold,
     FoldContext,
@@ -42,24 +41,18 @@ from bnfold.rules.base import (
     Skip,
     clone_refusal,
     constant_or_skip,
+    copy_node,
     new_tensor,
+    non_float_skip,
+    producer_fold,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
 )
-from bnfold.rules.batchnorm import is_op
-from bnfold.rules.linear import FLOAT_TYPES
 
 __all__ = ["NAME", "match"]
 
 NAME = "gemm"
-
-
-def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
-    for a in node.attribute:
-        if a.name == name:
-            return float(helper.get_attribute_value(a))
-    return default
 
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
@@ -85,12 +78,9 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         return skip(f"{desc} has no B input")
     b_name = node.input[1]
     c_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    b_type = view.constant_dtype(b_name)
-    if b_type is not None and b_type not in FLOAT_TYPES:
-        return skip(
-            f"B '{b_name}' of {desc} has element type {onnx.TensorProto.DataType.Name(b_type)}, "
-            "not a floating-point type"
-        )
+    not_float = non_float_skip(ctx, norm, b_name, f"B '{b_name}' of {desc}")
+    if not_float is not None:
+        return not_float
     b = constant_or_skip(ctx, b_name, f"B of {desc}", norm)
     if isinstance(b, Skip):
         return b
@@ -102,7 +92,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         c = got
     if b.ndim != 2:
         return skip(f"B '{b_name}' of {desc} has rank {b.ndim}, not 2")
-    trans_b = int(_attr(node, "transB", 0))
+    trans_b = int(attr(node, "transB", 0))
     n = int(b.shape[0] if trans_b else b.shape[1])
     if n != norm.affine.channels:
         return skip(f"{desc} has {n} output columns but the normalization has {norm.affine.channels} channels")
@@ -113,7 +103,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         if not np.all(np.isfinite(np.asarray(c, dtype=np.float64))):
             return skip(f"C '{c_name}' of {desc} contains NaN or inf")
         c_shape = tuple(int(d) for d in np.broadcast_shapes(c.shape, (n,)))
-    beta = _attr(node, "beta", 1.0)
+    beta = float(attr(node, "beta", 1.0))
     scale, shift = norm.affine.scale, norm.affine.shift
     c64 = shift if c is None else beta * np.asarray(c, dtype=np.float64) * scale + shift
     if conflict is not None:  # decided before computing (or, for a large model, spilling) any tensor
@@ -128,20 +118,10 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                            f"{c_name or node.output[0]}_bnfold_bias", f"C of {desc}")
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
-    new_node = helper.make_node(
-        node.op_type, [node.input[0], b_new.name, c_new.name], [norm.output],
-        name=unique_node_name(view, node) if conflict is not None else node.name, domain=node.domain or None,
-    )
-    new_node.attribute.extend(a for a in node.attribute if a.name != "beta")
-    new_node.doc_string = node.doc_string
-    if conflict is not None:  # the Gemm keeps its other users; a folded clone writes the output
-        return Fold(rule=NAME, producer_op=node.op_type, norm=norm, replace={}, remove=norm.nodes,
-                    tensors=(b_new, c_new), insert_before={producer: (new_node,)})
-    return Fold(
-        rule=NAME,
-        producer_op=node.op_type,
-        norm=norm,
-        replace={producer: new_node},
-        remove=norm.nodes,
-        tensors=(b_new, c_new),
-    )
+    # with conflict, the Gemm keeps its other users and a folded clone writes the output
+    new_node = copy_node(node, inputs=[node.input[0], b_new.name, c_new.name], outputs=[norm.output],
+                         name=unique_node_name(view, node) if conflict is not None else node.name)
+    kept = [a for a in new_node.attribute if a.name != "beta"]
+    del new_node.attribute[:]
+    new_node.attribute.extend(kept)
+    return producer_fold(ctx, NAME, producer, norm, new_node, (b_new, c_new), clone=conflict is not None)

@@ -27,10 +27,10 @@ import onnx
 
 from bnfold.folding import Affine
 from bnfold.graph import GraphView
-from bnfold.rules.base import Fold, FoldContext, Norm, Skip, unique_node_name
-from bnfold.rules.batchnorm import is_op
-from bnfold.rules.producers import Producer, delegate, linear_producer, producer_rules
-from bnfold.rules.shapes import ONE, Shape, int_list, node_attr, product, reshape_dims, shape_of
+from bnfold.nodes import attr, is_op
+from bnfold.rules.base import Fold, FoldContext, Norm, Skip, copy_node, unique_node_name
+from bnfold.rules.producers import Producer, delegate, linear_producer
+from bnfold.rules.shapes import ONE, Shape, int_list, product, reshape_dims, shape_of
 
 __all__ = ["LAYOUT_OPS", "NAME", "match", "uniform", "walk_back"]
 
@@ -57,7 +57,7 @@ def _map_back(ctx: FoldContext, idx: int, axis: int, prod: Producer) -> int | st
     xs = shape_of(view, node.input[0])
     ys = shape_of(view, node.output[0])
     if op == "Transpose":
-        perm = node_attr(node, "perm")
+        perm = attr(node, "perm")
         if perm is None:
             rank = len(xs) if xs is not None else None
             if rank is None:
@@ -93,7 +93,7 @@ def _map_back(ctx: FoldContext, idx: int, axis: int, prod: Producer) -> int | st
         kept = [i for i in range(rank) if i not in drop]
         return kept[axis] if axis < len(kept) else f"{desc} leaves no axis {axis}"
     if op == "Flatten":
-        k = int(node_attr(node, "axis", 1))
+        k = int(attr(node, "axis", 1))
         k = k + rank if k < 0 else k
         side = range(k) if axis == 0 else range(k, rank)
         big = [i for i in side if xs[i] != ONE]
@@ -111,7 +111,7 @@ def _map_back(ctx: FoldContext, idx: int, axis: int, prod: Producer) -> int | st
         if target is None:
             return f"{desc} takes its target shape from a tensor computed at run time"
         try:
-            es = reshape_dims(xs, target, bool(node_attr(node, "allowzero", 0)), node.output[0])
+            es = reshape_dims(xs, target, bool(attr(node, "allowzero", 0)), node.output[0])
         except (ValueError, IndexError):
             return f"{desc} has target shape {target}, which does not fit '{node.input[0]}'"
         if axis >= len(es):
@@ -167,7 +167,7 @@ def walk_back(view: GraphView, name: str) -> tuple[list[int], str, Producer] | N
         if idx is None:
             break
         node = view.node(idx)
-        if node.op_type not in LAYOUT_OPS or not is_op(node, node.op_type) or node.output[0] != t:
+        if not is_op(node, LAYOUT_OPS) or node.output[0] != t:
             break
         chain.append(idx)
         t = node.input[0]
@@ -223,7 +223,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         channel_axis=prod.norm_axis,
         op_type=norm.op_type,
     )
-    outcome = delegate(ctx, virtual, producer_rules(ctx, unselected_only=False))
+    outcome = delegate(ctx, virtual, ctx.producer_rules)  # every one, selected or not: P's rule decides
     if outcome is None:
         return skip(f"{norm.op_type} is reached from {prod.describe(view)} via {via}, but no enabled rule folds "
                     f"into {prod.op}")
@@ -242,12 +242,7 @@ def _rewire(ctx: FoldContext, fold: Fold, norm: Norm, chain: list[int], tensors:
     fresh = [ctx.names.fresh(f"{name}_bnfold") for name in tensors[:-1]]
 
     def renamed(node: onnx.NodeProto) -> onnx.NodeProto:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        for i, out in enumerate(copy.output):
-            if out == norm.output:
-                copy.output[i] = fresh[0]
-        return copy
+        return copy_node(node, outputs=[fresh[0] if out == norm.output else out for out in node.output])
 
     # nodes the rule placed where the normalization stood must now come before the layout ops: they
     # read only the producer's inputs and new constants, which exist before the first layout op
@@ -269,12 +264,10 @@ def _rewire(ctx: FoldContext, fold: Fold, norm: Norm, chain: list[int], tensors:
     remove = (set(fold.remove) - set(chain)) | set(norm.nodes)
     for i, idx in enumerate(chain):
         node = view.node(idx)
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        new.input[0] = fresh[i]
-        new.output[0] = fresh[i + 1] if i + 1 < len(chain) else norm.output
+        out = fresh[i + 1] if i + 1 < len(chain) else norm.output
+        new = copy_node(node, inputs=[fresh[i], *node.input[1:]], outputs=[out, *node.output[1:]],
+                        name=unique_node_name(view, node) if i < cut else None)
         if i < cut:
-            new.name = unique_node_name(view, node)
             before[idx] = (*before.get(idx, ()), *(head if i == 0 else ()), new)
         else:
             replace[idx] = new

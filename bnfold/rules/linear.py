@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import onnx
 
 from bnfold.folding import Affine, RoundingError, fold_bias
 from bnfold.rules.base import (
@@ -26,20 +25,16 @@ from bnfold.rules.base import (
     Skip,
     clone_refusal,
     constant_or_skip,
+    copy_node,
     new_tensor,
+    non_float_skip,
+    producer_fold,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
 )
 
 __all__ = ["fold_weight_bias"]
-
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.DOUBLE,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-}
 
 
 def fold_weight_bias(
@@ -66,13 +61,9 @@ def fold_weight_bias(
         return ctx.skip(norm.output, norm.op_type, f"{desc} has no weight input")
     w_name = node.input[1]
     b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    w_type = view.constant_dtype(w_name)
-    if w_type is not None and w_type not in FLOAT_TYPES:
-        return ctx.skip(
-            norm.output, norm.op_type,
-            f"weight '{w_name}' of {desc} has element type "
-            f"{onnx.TensorProto.DataType.Name(w_type)}, not a floating-point type",
-        )
+    not_float = non_float_skip(ctx, norm, w_name, f"weight '{w_name}' of {desc}")
+    if not_float is not None:
+        return not_float
     weight = constant_or_skip(ctx, w_name, f"weight of {desc}", norm)
     if isinstance(weight, Skip):
         return weight
@@ -104,28 +95,10 @@ def fold_weight_bias(
                            f"{b_name or node.output[0]}_bnfold_bias", f"bias of {desc}")
     except RoundingError as exc:
         return rounding_skip(ctx, norm, exc)
-    new_node = onnx.NodeProto()
-    new_node.CopyFrom(node)
-    inputs = list(node.input)
-    inputs[1] = w_new.name
-    if len(inputs) > 2:
-        inputs[2] = b_new.name
-    else:
-        inputs.append(b_new.name)
-    del new_node.input[:]
-    new_node.input.extend(inputs)
-    new_node.output[0] = norm.output
+    inputs = [node.input[0], w_new.name, b_new.name, *node.input[3:]]
     if conflict is not None:
         # the producer keeps its other users; a clone next to it writes the normalization's output
-        del new_node.output[1:]
-        new_node.name = unique_node_name(view, node)
-        return Fold(rule=rule, producer_op=node.op_type, norm=norm, replace={}, remove=norm.nodes,
-                    tensors=(w_new, b_new), insert_before={producer: (new_node,)})
-    return Fold(
-        rule=rule,
-        producer_op=node.op_type,
-        norm=norm,
-        replace={producer: new_node},
-        remove=norm.nodes,
-        tensors=(w_new, b_new),
-    )
+        new_node = copy_node(node, inputs=inputs, outputs=[norm.output], name=unique_node_name(view, node))
+    else:
+        new_node = copy_node(node, inputs=inputs, outputs=[norm.output, *node.output[1:]])
+    return producer_fold(ctx, rule, producer, norm, new_node, (w_new, b_new), clone=conflict is not None)

@@ -39,11 +39,11 @@ import dataclasses
 import logging
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from bnfold.folding import RoundingError, scale_axis
 from bnfold.graph import GraphView
+from bnfold.nodes import attr, is_op
 from bnfold.rules.base import (
     Fold,
     FoldContext,
@@ -51,14 +51,14 @@ from bnfold.rules.base import (
     Skip,
     clone_refusal,
     constant_or_skip,
+    copy_node,
     new_tensor,
+    non_float_skip,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
 )
-from bnfold.rules.batchnorm import is_op
-from bnfold.rules.linear import FLOAT_TYPES
-from bnfold.rules.shapes import Shape, shape_of
+from bnfold.rules.shapes import Shape, rank_of, shape_of
 
 __all__ = ["NAME", "match"]
 
@@ -100,11 +100,6 @@ def _bias_fits_gemm(bias_dims: list[int], a_shape: Shape | None) -> bool:
     return len(bias_dims) == 2 and a_shape is not None and len(a_shape) == 2 and a_shape[0].value == bias_dims[0]
 
 
-def _rank(view: GraphView, name: str) -> int | None:
-    shape = shape_of(view, name)
-    return None if shape is None else len(shape)
-
-
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     view = ctx.view
     found = _find_chain(view, norm)
@@ -138,17 +133,14 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         got = constant_or_skip(ctx, bias_name, f"bias of {view.describe(add)}", norm)
         if isinstance(got, Skip):
             return got
-        if any(a.name == "axis" for a in add_node.attribute):
+        if attr(add_node, "axis") is not None:
             return skip(f"{view.describe(add)} broadcasts its bias '{bias_name}' with a legacy axis attribute")
         bias = got
 
     b_name = node.input[1]
-    b_type = view.constant_dtype(b_name)
-    if b_type is not None and b_type not in FLOAT_TYPES:
-        return skip(
-            f"weight '{b_name}' of {desc} has element type {onnx.TensorProto.DataType.Name(b_type)}, "
-            "not a floating-point type"
-        )
+    not_float = non_float_skip(ctx, norm, b_name, f"weight '{b_name}' of {desc}")
+    if not_float is not None:
+        return not_float
     b = constant_or_skip(ctx, b_name, f"weight of {desc}", norm)
     if isinstance(b, Skip):
         return b
@@ -160,9 +152,9 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     if bias is not None and bias.ndim >= 1 and bias.shape[-1] not in (1, n):
         return skip(f"bias '{bias_name}' has shape {list(bias.shape)}: its last axis is neither 1 nor {n}")
 
-    a_rank, y_rank = _rank(view, node.input[0]), _rank(view, norm.input)
+    a_rank, y_rank = rank_of(view, node.input[0]), rank_of(view, norm.input)
     if y_rank is None and add is not None and bias_pos == 1 and _legacy_broadcast(view, [add]):
-        y_rank = _rank(view, node.output[0])  # Add-1/6 with broadcast=1: the output has A's shape
+        y_rank = rank_of(view, node.output[0])  # Add-1/6 with broadcast=1: the output has A's shape
     axis = norm.channel_axis
     if axis < 0 and axis != -1:
         return skip(f"the normalization's channel axis {axis} is not the column axis (-1) of {desc}")
@@ -204,7 +196,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     old_opset = 0 < ctx.opset < 7 if ctx.opset else _legacy_broadcast(view, [mm, *with_add.nodes])
     legacy = {"broadcast": 1} if old_opset else {}
     if not with_bias:  # nothing to add: the MatMul itself writes the normalization's output
-        new_nodes = [_copy_node(node, [node.input[0], b_new.name], norm.output, mm_name)]
+        new_nodes = [copy_node(node, inputs=[node.input[0], b_new.name], outputs=[norm.output], name=mm_name)]
     elif a_rank == 2 and b.ndim == 2 and _bias_fits_gemm(list(tensors[1].dims), shape_of(view, node.input[0])):
         log.debug("%s with %s becomes one Gemm", desc, norm.op_type)
         gemm = helper.make_node("Gemm", [node.input[0], b_new.name, tensors[1].name], [norm.output],
@@ -213,12 +205,12 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         new_nodes = [gemm]
     else:
         t_new = ctx.names.fresh(f"{node.output[0]}_bnfold") if keep_mm else node.output[0]
-        new_mm = _copy_node(node, [node.input[0], b_new.name], t_new, mm_name)
+        new_mm = copy_node(node, inputs=[node.input[0], b_new.name], outputs=[t_new], name=mm_name)
         if add is not None and bias_pos is not None:
             add_inputs = list(view.node(add).input)
             add_inputs[1 - bias_pos], add_inputs[bias_pos] = t_new, tensors[1].name
             add_name = unique_node_name(view, view.node(add)) if keep_add else view.node(add).name
-            new_add = _copy_node(view.node(add), add_inputs, norm.output, add_name)
+            new_add = copy_node(view.node(add), inputs=add_inputs, outputs=[norm.output], name=add_name)
         else:  # a new Add takes the normalization's place and node name
             new_add = helper.make_node("Add", [t_new, tensors[1].name], [norm.output],
                                        name=view.node(norm_node).name, **legacy)
@@ -227,14 +219,3 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     # the new chain stands where the normalization stood: after A, before every reader of its output
     return Fold(rule=NAME, producer_op=node.op_type, norm=norm, replace={}, remove=tuple(removed),
                 tensors=tuple(tensors), insert_before={norm_node: tuple(new_nodes)})
-
-
-def _copy_node(node: onnx.NodeProto, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
-    new = onnx.NodeProto()
-    new.CopyFrom(node)
-    del new.input[:]
-    new.input.extend(inputs)
-    del new.output[:]
-    new.output.append(output)
-    new.name = name
-    return new

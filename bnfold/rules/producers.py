@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from bnfold.graph import GraphView
+from bnfold.nodes import attr, is_op
 from bnfold.rules.base import Fold, FoldContext, Norm, Skip
-from bnfold.rules.batchnorm import is_op
-from bnfold.rules.shapes import const_dims, node_attr, shape_of
+from bnfold.rules.shapes import const_dims, rank_of
 
-__all__ = ["NON_PRODUCER_RULES", "Producer", "delegate", "linear_producer", "producer_rules"]
-
-NON_PRODUCER_RULES = frozenset({"affine", "layout", "bn_conv"})
-"""Rules that do not fold into a producer themselves (they find the pattern, then delegate)."""
+__all__ = ["Producer", "delegate", "linear_producer"]
 
 
 @dataclass(frozen=True)
@@ -52,11 +49,6 @@ class Producer:
         return view.describe(self.node)
 
 
-def _rank(view: GraphView, name: str) -> int | None:
-    shape = shape_of(view, name)
-    return None if shape is None else len(shape)
-
-
 def _matmul(view: GraphView, idx: int) -> tuple[int, ...] | None:
     """The constant weight dims of the MatMul at ``idx`` (rank >= 2), else None."""
     node = view.node(idx)
@@ -78,18 +70,18 @@ def linear_producer(view: GraphView, name: str) -> Producer | None:
         dims = const_dims(view, node.input[1]) if len(node.input) > 1 else None
         if dims is None or len(dims) < 3:
             return None
-        group = int(node_attr(node, "group", 1))
+        group = int(attr(node, "group", 1))
         channels = dims[0] if node.op_type == "Conv" else dims[1] * group
         return Producer(idx, node.op_type, name, channels, len(dims), 1)
     if is_op(node, "Gemm"):
         dims = const_dims(view, node.input[1]) if len(node.input) > 1 else None
         if dims is None or len(dims) != 2:
             return None
-        channels = dims[0] if node_attr(node, "transB", 0) else dims[1]
+        channels = dims[0] if attr(node, "transB", 0) else dims[1]
         return Producer(idx, "Gemm", name, channels, 2, 1)
     dims = _matmul(view, idx)
     if dims is not None:
-        return Producer(idx, "MatMul", name, dims[-1], _rank(view, name), -1, bare_matmul=True)
+        return Producer(idx, "MatMul", name, dims[-1], rank_of(view, name), -1, bare_matmul=True)
     if is_op(node, "Add") and len(node.input) == 2:
         for pos in (0, 1):
             mm = view.producer_of(node.input[pos])
@@ -98,20 +90,8 @@ def linear_producer(view: GraphView, name: str) -> Producer | None:
                 continue
             dims = _matmul(view, mm)
             if dims is not None and view.node(mm).output[0] == node.input[pos]:
-                return Producer(idx, "MatMul", name, dims[-1], _rank(view, name), -1)
+                return Producer(idx, "MatMul", name, dims[-1], rank_of(view, name), -1)
     return None
-
-
-def producer_rules(ctx: FoldContext, *, unselected_only: bool) -> tuple[ModuleType, ...]:
-    """The producer rules, in RULES order; with ``unselected_only`` just those the pass will not run
-    itself (``--only`` / ``--skip``)."""
-    from bnfold.rules import RULES, select_rules  # the rule list imports this module
-
-    selected = {m.NAME for m in select_rules(ctx.options.only, ctx.options.skip)}
-    return tuple(
-        m for m in RULES
-        if m.NAME not in NON_PRODUCER_RULES and not (unselected_only and m.NAME in selected)
-    )
 
 
 def delegate(ctx: FoldContext, norm: Norm, rules: tuple[ModuleType, ...]) -> Fold | Skip | None:

@@ -17,17 +17,16 @@ both sides).
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 
 from bnfold.graph import GraphView
+from bnfold.nodes import attr, is_op
 
-__all__ = ["ONE", "Dim", "Shape", "const_dims", "int_list", "node_attr", "product", "reshape_dims", "shape_of"]
+__all__ = ["ONE", "Dim", "Shape", "const_dims", "int_list", "product", "rank_of", "reshape_dims", "shape_of"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,8 @@ class Dim:
 
 Shape = tuple[Dim, ...]
 ONE = Dim(1)
-
+_MEMO_KEY = "shapes"
+"""Where a view keeps the shapes propagated over its graph (:meth:`GraphView.memo`)."""
 
 
 def product(dims: Sequence[Dim]) -> Dim:
@@ -75,14 +75,6 @@ def product(dims: Sequence[Dim]) -> Dim:
     for d in dims:
         out = out * d
     return out
-
-
-def node_attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    """Attribute ``name`` of ``node`` as a Python value, or ``default``."""
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def const_dims(view: GraphView, name: str) -> tuple[int, ...] | None:
@@ -105,7 +97,7 @@ def const_dims(view: GraphView, name: str) -> tuple[int, ...] | None:
 
 def _constant_node_dims(node: onnx.NodeProto) -> tuple[int, ...] | None:
     """The dims of a ``Constant`` node's value, read from the attribute without decoding the data."""
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+    if not is_op(node, "Constant"):
         return None
     for a in node.attribute:
         if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
@@ -119,20 +111,21 @@ def _constant_node_dims(node: onnx.NodeProto) -> tuple[int, ...] | None:
     return None
 
 
-_CACHE: weakref.WeakKeyDictionary[GraphView, dict[str, Shape | None]] = weakref.WeakKeyDictionary()
-
-
 def shape_of(view: GraphView, name: str) -> Shape | None:
-    """The shape of tensor ``name`` in ``view``'s graph (or an enclosing one), None when unknown."""
-    shapes = _CACHE.get(view)
-    if shapes is None:
-        shapes = _propagate(view)
-        _CACHE[view] = shapes
+    """The shape of tensor ``name`` in ``view``'s graph (or an enclosing one), None when unknown. The
+    shapes of a graph are propagated once, on first use, and kept with its view."""
+    shapes = view.memo(_MEMO_KEY, _propagate)
     if name in shapes:
         return shapes[name]
     if view.parent is not None and name not in view.producer and name not in view.graph_inputs:
         return shape_of(view.parent, name)
     return None
+
+
+def rank_of(view: GraphView, name: str) -> int | None:
+    """The rank of tensor ``name``, None when unknown."""
+    shape = shape_of(view, name)
+    return None if shape is None else len(shape)
 
 
 # -- propagation -----------------------------------------------------------------------------------
@@ -199,9 +192,9 @@ def _propagate(view: GraphView) -> dict[str, Shape | None]:
     return shapes
 
 
-def int_list(view: GraphView, node: onnx.NodeProto, attr: str, input_pos: int) -> list[int] | None:
-    """An int list given as attribute ``attr`` (older opsets) or as constant input ``input_pos``."""
-    value = node_attr(node, attr)
+def int_list(view: GraphView, node: onnx.NodeProto, name: str, input_pos: int) -> list[int] | None:
+    """An int list given as attribute ``name`` (older opsets) or as constant input ``input_pos``."""
+    value = attr(node, name)
     if value is not None:
         return [int(v) for v in value]
     if len(node.input) > input_pos and node.input[input_pos]:
@@ -224,15 +217,15 @@ def _broadcast(shapes: list[Shape], out: str) -> Shape:
 
 def _conv_spatial(node: onnx.NodeProto, x: Shape, kernel: Sequence[int], out: str) -> list[Dim]:
     n = len(kernel)
-    strides = list(node_attr(node, "strides", [1] * n))
-    dilations = list(node_attr(node, "dilations", [1] * n))
-    pads = list(node_attr(node, "pads", [0] * (2 * n)))
-    auto_pad = node_attr(node, "auto_pad", b"NOTSET")
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    pads = list(attr(node, "pads", [0] * (2 * n)))
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
     auto = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     dims: list[Dim] = []
     for i in range(n):
         size = x[2 + i].value
-        if size is None or node_attr(node, "ceil_mode", 0):
+        if size is None or attr(node, "ceil_mode", 0):
             dims.append(_unknown(out, 2 + i))
             continue
         eff = (kernel[i] - 1) * dilations[i] + 1
@@ -249,7 +242,7 @@ def _infer(
     view: GraphView, node: onnx.NodeProto, get_shape: Callable[[str], Shape | None]
 ) -> dict[str, Shape | None]:
     op = node.op_type
-    if node.domain not in ("", "ai.onnx") or not node.output:
+    if not is_op(node, op) or not node.output:
         return {}
     out = node.output[0]
     x = get_shape(node.input[0]) if node.input else None
@@ -261,7 +254,7 @@ def _infer(
     if op in _BROADCAST:
         inputs = [get_shape(n) for n in node.input]
         known = [s for s in inputs if s is not None]
-        if len(known) != len(inputs) or node_attr(node, "broadcast") is not None:
+        if len(known) != len(inputs) or attr(node, "broadcast") is not None:
             return {}
         return {out: _broadcast(known, out)}
     if x is None:
@@ -271,12 +264,12 @@ def _infer(
         if w is None or len(w) != len(x) or len(w) < 3:
             return {}
         if op == "ConvTranspose":
-            group = int(node_attr(node, "group", 1))
+            group = int(attr(node, "group", 1))
             return {out: (x[0], Dim(w[1] * group), *(_unknown(out, i) for i in range(2, len(w))))}
-        kernel = list(node_attr(node, "kernel_shape", w[2:]))
+        kernel = list(attr(node, "kernel_shape", w[2:]))
         return {out: (x[0], Dim(w[0]), *_conv_spatial(node, x, kernel, out))}
     if op in _POOL:
-        kernel = node_attr(node, "kernel_shape")
+        kernel = attr(node, "kernel_shape")
         if kernel is None or len(x) < 3:
             return {}
         return {out: (x[0], x[1], *_conv_spatial(node, x, list(kernel), out))}
@@ -286,8 +279,8 @@ def _infer(
         b = get_shape(node.input[1])
         if b is None or len(x) != 2 or len(b) != 2:
             return {}
-        m = x[1] if node_attr(node, "transA", 0) else x[0]
-        n = b[0] if node_attr(node, "transB", 0) else b[1]
+        m = x[1] if attr(node, "transA", 0) else x[0]
+        n = b[0] if attr(node, "transB", 0) else b[1]
         return {out: (m, n)}
     if op == "MatMul":
         b = get_shape(node.input[1])
@@ -302,7 +295,7 @@ def _infer(
         batch = _broadcast([x[:-2], b[:-2]], out) if (len(x) > 2 or len(b) > 2) else ()
         return {out: (*batch, x[-2], b[-1])}
     if op == "Transpose":
-        perm = node_attr(node, "perm")
+        perm = attr(node, "perm")
         order = [int(p) for p in perm] if perm is not None else list(range(len(x)))[::-1]
         if sorted(order) != list(range(len(x))):
             return {}
@@ -328,15 +321,15 @@ def _infer(
         drop = {a + len(x) if a < 0 else a for a in axes}
         return {out: tuple(d for i, d in enumerate(x) if i not in drop)}
     if op == "Flatten":
-        axis = int(node_attr(node, "axis", 1))
+        axis = int(attr(node, "axis", 1))
         axis = axis + len(x) if axis < 0 else axis
         return {out: (product(x[:axis]), product(x[axis:]))}
     if op == "Reshape":
         target = int_list(view, node, "shape", 1)
         if target is None:
             return {}
-        return {out: reshape_dims(x, target, bool(node_attr(node, "allowzero", 0)), out)}
-    if op == "Shape" and node_attr(node, "start") is None and node_attr(node, "end") is None:
+        return {out: reshape_dims(x, target, bool(attr(node, "allowzero", 0)), out)}
+    if op == "Shape" and attr(node, "start") is None and attr(node, "end") is None:
         return {out: (Dim(len(x)),)}
     return {}
 

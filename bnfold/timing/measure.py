@@ -26,9 +26,9 @@ from contextlib import ExitStack
 import numpy as np
 import onnxruntime as ort
 
+from bnfold.environment import Environment
 from bnfold.errors import BadInputError, first_line
 from bnfold.runtime import ModelHandle, ModelSource, normalize_level, open_model, resolve_providers
-from bnfold.timing.environment import collect_environment
 from bnfold.timing.inputs import InputSpec, make_feeds, plan_inputs, same_signature
 from bnfold.timing.providers import MeasureConfig, plan_configs
 from bnfold.timing.result import ConfigResult, LatencyReport, LatencySettings, ModelMeasurement
@@ -286,4 +286,4 @@ def latency(
         baseline=baseline,
         block_warmup=_BLOCK_WARMUP,
     )
-    return LatencyReport(tuple(results), settings, collect_environment(chosen), tuple(notes))
+    return LatencyReport(tuple(results), settings, Environment.capture(measured_providers=chosen), tuple(notes))

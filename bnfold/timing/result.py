@@ -165,6 +165,7 @@ class LatencyReport:
     configs: tuple[ConfigResult, ...]
     settings: LatencySettings
     environment: Mapping[str, object] = field(default_factory=dict)
+    """A :class:`bnfold.environment.Environment` (a mapping of its JSON form) from :func:`bnfold.latency`."""
     notes: tuple[str, ...] = ()
 
     @property

@@ -1,6 +1,6 @@
 """Run two TorchScript modules on the same inputs and compare them with the ONNX check's metrics.
 
-The result is the same :class:`bnfold.verify.compare.Comparison` the ONNX check returns, with provider
+The result is the same :class:`bnfold.verify.result.Comparison` the ONNX check returns, with provider
 ``"torch-cpu"``; the per-output figures come from :func:`bnfold.verify.compare.compare_arrays`.
 """
 
@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, first_line
 from bnfold.torch_.inputs import TorchInputs, flatten_outputs
-from bnfold.verify.compare import Comparison, Environment, RunComparison, Tolerances, compare_arrays
+from bnfold.verify.compare import Tolerances, compare_arrays
 from bnfold.verify.feeds import InputInfo
+from bnfold.verify.result import Comparison, RunComparison, verification_environment
 
 __all__ = ["PROVIDER", "compare_modules", "run_module"]
 
@@ -34,22 +35,17 @@ def run_module(module: Any, inputs: TorchInputs) -> dict[str, np.ndarray]:
         return flatten_outputs(module(*inputs.tensors))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _run_pair(original: Any, folded: Any, inputs: TorchInputs, tolerances: Tolerances) -> tuple[RunComparison, str]:
     """One seed: (the run's comparison, a problem with the output names or "")."""
     shapes = [tuple(t.shape) for t in inputs.tensors]
     try:
         reference = run_module(original, inputs)
     except Exception as exc:
-        raise BadInputError(f"the original module fails on inputs of shapes {shapes}: {_first_line(exc)}") from exc
+        raise BadInputError(f"the original module fails on inputs of shapes {shapes}: {first_line(exc)}") from exc
     try:
         candidate = run_module(folded, inputs)
     except Exception as exc:
-        return RunComparison(provider=PROVIDER, seed=inputs.seed, outputs=(), error=_first_line(exc)), ""
+        return RunComparison(provider=PROVIDER, seed=inputs.seed, outputs=(), error=first_line(exc)), ""
     problem = ""
     if list(reference) != list(candidate):
         problem = f"outputs differ: original {list(reference)}, folded {list(candidate)}"
@@ -84,7 +80,7 @@ def compare_modules(
         runs=runs,
         tolerances=tolerances,
         inputs=infos,
-        environment=Environment.capture(threads=torch.get_num_threads()),
+        environment=verification_environment(torch.get_num_threads()),
         problems=problems,
         notes=tuple(notes),
     )

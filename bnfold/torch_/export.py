@@ -28,9 +28,9 @@ from bnfold.torch_.inputs import ShapesArg, input_names, make_inputs
 if TYPE_CHECKING:
     import torch
 
-    from bnfold.passes import FoldedPair, FoldResult
-    from bnfold.rules.base import Skip
-    from bnfold.verify.compare import Comparison
+    from bnfold.passes import FoldResult
+    from bnfold.results import FoldedPair, Skip
+    from bnfold.verify.result import Comparison
 
 __all__ = [
     "TorchExportResult",
@@ -203,9 +203,7 @@ def _fold_and_check(
             fold_outputs=fold_result.folded,
         )
         if not result.comparison.passed and not force:
-            err = VerificationFailedError(f"{result.comparison.summary}; nothing written")
-            err.result = result  # type: ignore[attr-defined]
-            raise err
+            raise VerificationFailedError(f"{result.comparison.summary}; nothing written", result)
     if path is not None:
         save_model(result.model, path)
         result.path = os.fspath(path)

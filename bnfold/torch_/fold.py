@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BadInputError, VerificationFailedError, first_line
 from bnfold.onnx_io import atomic_write_bytes
-from bnfold.passes import FoldedPair
-from bnfold.rules.base import Skip
+from bnfold.results import FoldedPair, Skip
 from bnfold.torch_._runtime import (
     ArchiveSource,
     load_archive,
@@ -37,7 +36,8 @@ from bnfold.torch_.jit_fold import bn_nodes, count_nodes, fold_graph
 if TYPE_CHECKING:
     import torch
 
-    from bnfold.verify.compare import Comparison, Tolerances
+    from bnfold.verify.compare import Tolerances
+    from bnfold.verify.result import Comparison
 
 __all__ = ["TorchFoldResult", "count_batch_norms", "fold_torchscript"]
 
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TorchFoldResult:
-    """What ``fold_torchscript`` did. Field names match :class:`bnfold.passes.FoldResult` where they mean
-    the same thing, so the report code renders both."""
+    """What ``fold_torchscript`` did: a :class:`bnfold.results.FoldSummary`, like
+    :class:`bnfold.passes.FoldResult`, so the report renders both."""
 
     module: torch.jit.ScriptModule
     """The folded module, as loaded back from ``archive``."""
@@ -127,7 +127,7 @@ def fold_torchscript(
     are needed when they cannot be inferred from the first layer. ``verify`` runs the original and the
     folded archive in torch on the same inputs, one standard-normal set per seed (default 0, 1, 2, as
     the ONNX check); when it fails, nothing is written and ``VerificationFailedError`` is raised (its
-    ``result`` attribute holds this result) unless ``force``.
+    ``result`` holds this result) unless ``force``.
     ``eval_mode=True`` puts a module saved in training mode into eval mode first (this changes what it
     computes).
     """
@@ -242,9 +242,7 @@ def _finish_unfolded(
 
 def _write(result: TorchFoldResult, dst: str | os.PathLike[str] | None, force: bool) -> TorchFoldResult:
     if result.comparison is not None and not result.comparison.passed and not force:
-        err = VerificationFailedError(f"{result.comparison.summary}; nothing written")
-        err.result = result  # type: ignore[attr-defined]
-        raise err
+        raise VerificationFailedError(f"{result.comparison.summary}; nothing written", result)
     if dst is not None:
         atomic_write_bytes(dst, result.archive)
         result.path = os.fspath(dst)

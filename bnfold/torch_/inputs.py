@@ -44,20 +44,23 @@ class TorchInputs:
 
 
 def parse_shapes(specs: Sequence[str]) -> list[tuple[int, ...]] | dict[str, tuple[int, ...]]:
-    """``["1,3,224,224"]`` -> positional shapes; ``["x=1,3,224,224", ...]`` -> named. ValueError if mixed."""
+    """``["1,3,224,224"]`` -> positional shapes; ``["x=1,3,224,224", ...]`` -> named. ValueError if mixed.
+    The syntax is the ONNX ``--shape``'s (:func:`bnfold.verify.feeds.parse_shape_option`)."""
     from bnfold.verify.feeds import parse_shape_option  # imports onnxruntime: only when needed
 
     named: dict[str, tuple[int, ...]] = {}
     positional: list[tuple[int, ...]] = []
     for text in specs:
-        if "=" in text:
-            name, dims = parse_shape_option(text)
+        try:
+            name, dims = parse_shape_option(text, allow_bare=True)
+        except ValueError:
+            if "=" in text:
+                raise
+            raise ValueError(f"expected DIMS such as 1,3,224,224 or NAME=DIMS, got {text!r}") from None
+        if name:
             named[name] = dims
         else:
-            parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
-            if not parts or not all(p.isdigit() for p in parts):
-                raise ValueError(f"expected DIMS such as 1,3,224,224 or NAME=DIMS, got {text!r}")
-            positional.append(tuple(int(p) for p in parts))
+            positional.append(dims)
     if named and positional:
         raise ValueError("give every --shape with a name (x=1,3,224,224) or none of them")
     return named if named else positional

@@ -41,8 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bnfold.passes import FoldedPair
-from bnfold.rules.base import Skip
+from bnfold.results import FoldedPair, Skip
 from bnfold.torch_.ir import const, describe, floating, other_uses, walk
 from bnfold.torch_.producers import PRODUCERS, BnStats, Plan, plan_fold
 

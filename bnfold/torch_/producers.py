@@ -32,8 +32,7 @@ from bnfold.folding import (
     scale_axis,
     scale_grouped_axis1,
 )
-from bnfold.passes import FoldedPair
-from bnfold.rules.base import Skip
+from bnfold.results import FoldedPair, Skip
 from bnfold.torch_.ir import const, describe, floating
 
 if TYPE_CHECKING:

@@ -5,27 +5,19 @@
     >>> bool(result), result.summary
 
 See :mod:`bnfold.verify.feeds` for generated inputs and dynamic dims, :mod:`bnfold.verify.compare` for
-the metrics and the tolerance table, :mod:`bnfold.verify.localise` for finding the fold that broke.
+the metrics and the tolerance table, :mod:`bnfold.verify.result` for the result types,
+:mod:`bnfold.verify.localise` for finding the fold that broke.
 
 ``bnfold.verify`` (the attribute of the ``bnfold`` package) is the function, so import submodules with
-``from bnfold.verify import compare`` or ``from bnfold.verify.compare import Comparison``, not
+``from bnfold.verify import compare`` or ``from bnfold.verify.result import Comparison``, not
 ``import bnfold.verify.compare as compare``.
 """
 
 from __future__ import annotations
 
+from bnfold.environment import Environment
 from bnfold.verify.check import DEFAULT_SEEDS, verify
-from bnfold.verify.compare import (
-    DEFAULT_TOLERANCES,
-    Comparison,
-    Environment,
-    FoldCheck,
-    Localisation,
-    OutputComparison,
-    RunComparison,
-    Tolerances,
-    compare_arrays,
-)
+from bnfold.verify.compare import DEFAULT_TOLERANCES, OutputComparison, Tolerances, compare_arrays
 from bnfold.verify.feeds import (
     DEFAULT_BATCH,
     DEFAULT_DIM,
@@ -37,6 +29,7 @@ from bnfold.verify.feeds import (
 )
 from bnfold.verify.localise import fold_candidates, localise
 from bnfold.verify.render import render_comparison
+from bnfold.verify.result import Comparison, FoldCheck, Localisation, RunComparison
 
 __all__ = [
     "DEFAULT_BATCH",

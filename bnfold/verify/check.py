@@ -18,16 +18,10 @@ from bnfold.runtime import (
     open_model,
     resolve_providers,
 )
-from bnfold.verify.compare import (
-    Comparison,
-    Environment,
-    OutputComparison,
-    RunComparison,
-    Tolerances,
-    compare_arrays,
-)
+from bnfold.verify.compare import OutputComparison, Tolerances, compare_arrays
 from bnfold.verify.feeds import FeedPlan, InputsArg, model_inputs, plan_feeds
 from bnfold.verify.localise import FoldRef, localise
+from bnfold.verify.result import Comparison, RunComparison, verification_environment
 from bnfold.verify.runner import RunError, check_session, run_session
 
 __all__ = ["DEFAULT_SEEDS", "verify"]
@@ -175,7 +169,7 @@ def _verify(
     chosen, provider_notes = resolve_providers(providers, probe)
     chosen = [CPU, *(p for p in chosen if p != CPU)]  # CPU is the reference: always checked, first
     notes += provider_notes
-    environment = Environment.capture(threads)
+    environment = verification_environment(threads, chosen)
     seed_list: tuple[int | None, ...] = seeds
     if plan.all_given:
         if seeds and plan.specs:

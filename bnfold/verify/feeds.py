@@ -39,6 +39,7 @@ import onnx
 from numpy.typing import ArrayLike
 from onnx import helper
 
+from bnfold.dtypes import is_float
 from bnfold.errors import BadInputError
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "FeedPlan",
     "InputInfo",
     "InputSpec",
-    "is_float_dtype",
     "load_npz",
     "model_inputs",
     "parse_range_option",
@@ -67,14 +67,6 @@ DEFAULT_INT_RANGE: tuple[int, int] = (0, 8)
 
 Dim = int | str | None
 InputsArg = str | os.PathLike[str] | Mapping[str, ArrayLike] | None
-
-
-def is_float_dtype(dtype: np.dtype) -> bool:
-    """True for numpy floats and the ml_dtypes ones (bfloat16, float8 and float4 variants)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return True
-    return dtype.kind == "V" and (dtype.name.startswith("float") or dtype.name == "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -226,7 +218,7 @@ class FeedPlan:
         dtype = spec.dtype
         if dtype == np.bool_:
             return rng.random(shape) < 0.5
-        if is_float_dtype(dtype):
+        if is_float(dtype):
             if spec.name in self.ranges:
                 lo, hi = self.ranges[spec.name]
                 return rng.uniform(lo, hi, shape).astype(dtype)
@@ -239,7 +231,7 @@ class FeedPlan:
             return "supplied"
         if spec.dtype == np.bool_:
             return "bool"
-        if is_float_dtype(spec.dtype):
+        if is_float(spec.dtype):
             if spec.name in self.ranges:
                 lo, hi = self.ranges[spec.name]
                 return f"uniform[{lo:g}, {hi:g})"
@@ -277,7 +269,7 @@ def _coerce(spec: InputSpec, value: object, notes: list[str]) -> np.ndarray:
     want = spec.dtype
     if arr.dtype == want:
         return arr
-    ok = (is_float_dtype(want) and (is_float_dtype(arr.dtype) or arr.dtype.kind in "iub")) or (
+    ok = (is_float(want) and (is_float(arr.dtype) or arr.dtype.kind in "iub")) or (
         want.kind in "iu" and arr.dtype.kind in "iub"
     )
     if want.kind in "iu" and ok and arr.size:

@@ -20,8 +20,10 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from bnfold.graph import GraphView
 from bnfold.runtime import CPU, ModelHandle, ModelSource, SessionError, open_model
-from bnfold.verify.compare import FoldCheck, Localisation, Tolerances, compare_arrays
+from bnfold.verify.compare import Tolerances, compare_arrays
+from bnfold.verify.result import FoldCheck, Localisation
 from bnfold.verify.runner import RunError, check_session, run_session, with_extra_outputs
 
 __all__ = ["FoldLike", "fold_candidates", "localise"]
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class FoldLike(Protocol):
-    """What localisation needs of ``bnfold.passes.FoldedPair``."""
+    """What localisation needs of a :class:`bnfold.results.FoldedPair`."""
 
     @property
     def output(self) -> str: ...
@@ -39,34 +41,24 @@ class FoldLike(Protocol):
 FoldRef = str | FoldLike
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, tuple[int, onnx.NodeProto]]:
-    out: dict[str, tuple[int, onnx.NodeProto]] = {}
-    for index, node in enumerate(graph.node):
-        for name in node.output:
-            if name:
-                out[name] = (index, node)
-    return out
-
-
-def _describe(node: onnx.NodeProto | None) -> str:
-    if node is None:
-        return "graph input or initializer"
-    return f"{node.op_type} {node.name!r}" if node.name else f"{node.op_type} (unnamed)"
+def _describe(view: GraphView, index: int | None) -> str:
+    return "graph input or initializer" if index is None else view.describe(index)
 
 
 def fold_candidates(original: onnx.ModelProto, folded: onnx.ModelProto) -> list[str]:
     """Tensors a BatchNormalization writes in the original and another op writes in the folded model."""
-    orig = _producers(original.graph)
-    fold = _producers(folded.graph)
-    names = [
-        name
-        for name, (_, node) in orig.items()
-        if node.op_type == "BatchNormalization"
-        and name == node.output[0]
-        and name in fold
-        and fold[name][1].op_type != "BatchNormalization"
-    ]
-    return sorted(names, key=lambda n: fold[n][0])
+    return _candidates(GraphView(original.graph), GraphView(folded.graph))
+
+
+def _candidates(orig: GraphView, fold: GraphView) -> list[str]:
+    def refolded(name: str, index: int) -> bool:
+        node = orig.node(index)
+        if node.op_type != "BatchNormalization" or name != node.output[0]:
+            return False
+        now = fold.producer_of(name)
+        return now is not None and fold.node(now).op_type != "BatchNormalization"
+
+    return sorted((n for n, i in orig.producer.items() if refolded(n, i)), key=fold.producer.__getitem__)
 
 
 def localise(
@@ -108,13 +100,8 @@ def _localise(
     threads: int | None,
     seed: int | None,
 ) -> Localisation:
-    orig_proto, fold_proto = orig.proto, fold.proto
-    refs: list[FoldRef] = (
-        list(fold_outputs) if fold_outputs is not None else list(fold_candidates(orig_proto, fold_proto))
-    )
-    p_orig = _producers(orig_proto.graph)
-    p_fold = _producers(fold_proto.graph)
-    graph_inputs = {vi.name for vi in orig_proto.graph.input}
+    v_orig, v_fold = GraphView(orig.proto.graph), GraphView(fold.proto.graph)
+    refs: list[FoldRef] = list(fold_outputs) if fold_outputs is not None else list(_candidates(v_orig, v_fold))
 
     pending: list[tuple[int, str, str, str, str]] = []  # (order, name, rule, original_node, folded_node)
     skipped: list[FoldCheck] = []
@@ -126,17 +113,17 @@ def _localise(
         if name in seen:
             continue
         seen.add(name)
-        o_node = p_orig.get(name, (0, None))[1]
-        f_index, f_node = p_fold.get(name, (-1, None))
+        o_index, f_index = v_orig.producer_of(name), v_fold.producer_of(name)
+        o_node, f_node = _describe(v_orig, o_index), _describe(v_fold, f_index)
         if graph:
             note = f"fold in subgraph {graph} cannot be exposed as a graph output"
-        elif f_node is None or (o_node is None and name not in graph_inputs):
-            which = "folded" if f_node is None else "original"
+        elif f_index is None or (o_index is None and name not in v_orig.graph_inputs):
+            which = "folded" if f_index is None else "original"
             note = f"tensor {name!r} is not produced in the {which} model's main graph"
         else:
-            pending.append((f_index, name, rule, _describe(o_node), _describe(f_node)))
+            pending.append((f_index, name, rule, o_node, f_node))
             continue
-        skipped.append(FoldCheck(name, rule, _describe(o_node), _describe(f_node), None, note))
+        skipped.append(FoldCheck(name, rule, o_node, f_node, None, note))
     pending.sort()
     names = [p[1] for p in pending]
     if not names:

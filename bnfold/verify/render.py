@@ -7,13 +7,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.verify.compare import Comparison, OutputComparison
+from bnfold.verify.compare import OutputComparison, figure
+from bnfold.verify.result import Comparison
 
 __all__ = ["render_comparison"]
-
-
-def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 def _short(provider: str) -> str:
@@ -51,12 +48,12 @@ def render_comparison(comparison: Comparison) -> RenderableType:
         w = max(outs, key=lambda o: o.severity)  # the worst seed
         cells: list[str | Text] = [
             name,
-            _g(w.max_abs),
-            _g(w.max_rel),
+            figure(w.max_abs),
+            figure(w.max_rel),
             "-" if w.cosine is None else f"{w.cosine:.6f}",
-            _g(w.needed_atol),
-            _g(w.atol),
-            _g(w.rtol),
+            figure(w.needed_atol),
+            figure(w.atol),
+            figure(w.rtol),
             Text("ok", style="green") if all(o.passed for o in outs) else Text("FAIL", style="bold red"),
         ]
         table.add_row(*([_short(provider)] if several else []), *cells)

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from bnfold.dtypes import is_native
 from bnfold.runtime import EXACT_PROVIDER_OPTIONS, ModelHandle, SessionError, clean_ort_message, create_session
 
 __all__ = ["RunError", "check_session", "run_session", "with_extra_outputs"]
@@ -56,12 +57,8 @@ def with_extra_outputs(handle: ModelHandle, names: Iterable[str]) -> ModelHandle
     return ModelHandle(handle.label, model, data=data, external_dir=handle.external_dir)
 
 
-def _is_native(dtype: np.dtype) -> bool:
-    return dtype.kind in "biufcOSU?"
-
-
 def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:
-    if _is_native(array.dtype):
+    if is_native(array.dtype):
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
     elem = helper.np_dtype_to_tensor_dtype(array.dtype)
     raw = np.ascontiguousarray(array).view(np.dtype(f"u{array.dtype.itemsize}"))
@@ -89,7 +86,7 @@ def run_session(
     """Run once; returns name -> numpy array (a list of arrays for a sequence output)."""
     names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
     exotic_out = {o.name for o in session.get_outputs() if "bfloat16" in o.type or "float8" in o.type}
-    exotic = any(not _is_native(a.dtype) for a in feeds.values()) or any(n in exotic_out for n in names)
+    exotic = any(not is_native(a.dtype) for a in feeds.values()) or any(n in exotic_out for n in names)
     try:
         if not exotic:
             values = session.run(names, dict(feeds))
