@@ -17,6 +17,13 @@ def _short(provider: str) -> str:
     return provider.removesuffix("ExecutionProvider")
 
 
+def _runtime(comparison: Comparison) -> str:
+    """What ran both models: torch for a TorchScript check, else onnxruntime with its optimizations off."""
+    if comparison.providers and all(p.startswith("torch") for p in comparison.providers):
+        return "both archives run in torch, no grad"
+    return f"onnxruntime {comparison.environment.onnxruntime}, optimizations off"
+
+
 def render_comparison(comparison: Comparison) -> RenderableType:
     """One row per provider and output (the worst seed), then failures, localisation and notes."""
     seeds = ", ".join(map(str, comparison.seeds)) if comparison.seeds else "supplied inputs"
@@ -27,7 +34,7 @@ def render_comparison(comparison: Comparison) -> RenderableType:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         caption=(
-            f"onnxruntime {comparison.environment.onnxruntime}, optimizations off; seeds: {seeds}; "
+            f"{_runtime(comparison)}; seeds: {seeds}; "
             f"inputs: {inputs}. Pass: |folded - original| <= atol + rtol x |original|; "
             "'needed': the smallest atol that passes at that rtol. Worst seed shown; all in the JSON report."
         ),
