@@ -801,3 +801,29 @@ def test_every_input_dtype_is_generated_and_compared():
     assert all(a.min() >= 0 and a.max() < 8 for a in ints)
     with pytest.raises(BadInputError, match=r"must be integers within uint8"):
         plan_feeds(model_inputs(m), input_ranges={"i6": (0, 300)})
+
+
+def test_bfloat16_models_are_checked_widened_to_float32_and_a_wrong_fold_is_caught() -> None:
+    """onnxruntime's CPU provider has no bf16 Conv: both models are widened exactly to float32."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+    from test_rule_conv import ConvCase, build_conv_bn
+
+    import bnfold
+
+    case = ConvCase(2, 1, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), None, True,
+                    np.dtype(ml_dtypes.bfloat16), 15, 1e-3, (5, 5), 3)
+    model, _ = build_conv_bn(case)
+    folded = bnfold.fold(model).model
+    good = bnfold.verify(model, folded)
+    assert good.passed and any("widened exactly to float32" in n for n in good.notes)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(folded)
+    w = broken.graph.initializer[0]
+    arr = numpy_helper.to_array(w).astype(np.float32)
+    arr[1] *= 2.0  # one output channel scaled twice: what a fold on the wrong axis does to one channel
+    w.CopyFrom(numpy_helper.from_array(arr.astype(ml_dtypes.bfloat16), w.name))
+    bad = bnfold.verify(model, broken)
+    assert not bad.passed
+    assert bad.localisation is not None and bad.localisation.first is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +24,7 @@ from bnfold.verify.feeds import FeedPlan, InputsArg, model_inputs, plan_feeds
 from bnfold.verify.localise import FoldRef, localise
 from bnfold.verify.result import Comparison, RunComparison, verification_environment
 from bnfold.verify.runner import RunError, check_session, run_session
+from bnfold.verify.widen import WIDENED_NOTE, has_bfloat16, widen_bfloat16
 
 __all__ = ["DEFAULT_SEEDS", "verify"]
 
@@ -135,11 +137,34 @@ def verify(
     orig = open_model(original, "original")
     fold = open_model(folded, "folded")
     try:
-        return _verify(orig, fold, providers, seeds, tolerances, shapes, inputs, input_ranges, fold_outputs, threads)
+        try:
+            return _verify(orig, fold, providers, seeds, tolerances, shapes, inputs, input_ranges, fold_outputs,
+                           threads)
+        except BadInputError as exc:
+            wide = _widened(orig, fold) if "bfloat16" in str(exc) else None
+            if wide is None:
+                raise
+            try:
+                result = _verify(*wide, providers, seeds, replace(tolerances, judge_as="bfloat16"), shapes, inputs,
+                                 input_ranges, fold_outputs, threads)
+            finally:
+                for handle in wide:
+                    handle.close()
+            return replace(result, notes=(*result.notes, WIDENED_NOTE))
     finally:
         for handle, source in ((orig, original), (fold, folded)):
             if handle is not source:
                 handle.close()
+
+
+def _widened(orig: ModelHandle, fold: ModelHandle) -> tuple[ModelHandle, ModelHandle] | None:
+    """Both models with bfloat16 widened to float32, or None when that cannot be done exactly."""
+    if not has_bfloat16(orig.proto):
+        return None
+    wide = [widen_bfloat16(h.proto) for h in (orig, fold)]
+    if wide[0] is None or wide[1] is None:
+        return None
+    return open_model(wide[0], "original"), open_model(wide[1], "folded")
 
 
 def _verify(

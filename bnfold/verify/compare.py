@@ -70,6 +70,8 @@ class Tolerances:
 
     rtol: float | None = None
     atol: float | None = None
+    judge_as: str | None = None
+    """Judge float outputs by this dtype's defaults (a bfloat16 model checked widened to float32)."""
 
     def __post_init__(self) -> None:
         for name, value in (("rtol", self.rtol), ("atol", self.atol)):
@@ -81,8 +83,9 @@ class Tolerances:
         dtype = np.dtype(dtype)
         if not is_float(dtype):
             return 0.0, 0.0
-        if dtype.name in DEFAULT_TOLERANCES:
-            rtol, atol = DEFAULT_TOLERANCES[dtype.name]
+        name = self.judge_as or dtype.name
+        if name in DEFAULT_TOLERANCES:
+            rtol, atol = DEFAULT_TOLERANCES[name]
         else:
             eps = float(ml_dtypes.finfo(dtype).eps)
             rtol = atol = 10 * eps
@@ -100,6 +103,7 @@ class Tolerances:
             "defaults": {k: {"rtol": r, "atol": a} for k, (r, a) in DEFAULT_TOLERANCES.items()},
             "default_atol_scaled_by": "max(1, max|original|) per output",
             "integer_and_bool": "exact",
+            "float_outputs_judged_as": self.judge_as,
         }
 
 
