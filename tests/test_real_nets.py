@@ -46,3 +46,18 @@ def test_shipped_resnet_mini_folds_completely() -> None:
     assert "BatchNormalization" not in ops(result.model)
     assert result.bn_before == 12 and len(result.folded) == 12
     assert result.nodes_before - result.nodes_after == 12
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mlp_bn1d", "decoder_convtranspose"])
+def test_opset7_export_lists_initializers_as_inputs_and_folds_with_the_flag(name: str) -> None:
+    """torch writes IR 3 with every initializer listed as a graph input below opset 9."""
+    module, shape = nets.NETS[name]()
+    model = nets.export_keep_bn(module, shape, opset=7)
+    assert model.ir_version == 3
+    refused = bnfold.fold(model)
+    assert refused.folded == [] and all("--initializers-as-constants" in s.reason for s in refused.skipped)
+    result = bnfold.fold(model, initializers_as_constants=True)
+    assert result.bn_after == 0
+    x = nets.example_input(shape).numpy()
+    assert_same_outputs(model, result.model, {model.graph.input[0].name: x})
+    assert bnfold.verify(model, result.model, fold_outputs=result.folded)
