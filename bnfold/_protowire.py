@@ -12,6 +12,7 @@ fields, exactly as protobuf's own serialiser orders them, so the streamed bytes 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ INITIALIZER_FIELD = 5  # GraphProto.initializer
 RAW_DATA_FIELD = 9  # TensorProto.raw_data
 _LEN = 2
 
+WireBuffer = bytes | memoryview | mmap.mmap
+"""What a model is scanned from: its bytes, or the model file mapped into memory."""
+
 
 class WireError(ValueError):
     """The bytes are not a well-formed protobuf message."""
@@ -60,7 +64,7 @@ def field_header(number: int, length: int) -> bytes:
     return varint(number << 3 | _LEN) + varint(length)
 
 
-def _read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(buf: WireBuffer, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -73,7 +77,7 @@ def _read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]
         shift += 7
 
 
-def _fields(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def _fields(buf: WireBuffer, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """``(number, wire_type, field_start, value_start, value_end)`` of each field in ``buf[start:end]``."""
     pos = start
     while pos < end:
@@ -108,7 +112,7 @@ class LazyRange:
     length: int
 
 
-def scan_model(buf: bytes | memoryview, min_bytes: int) -> tuple[onnx.ModelProto, list[LazyRange]]:
+def scan_model(buf: WireBuffer, min_bytes: int) -> tuple[onnx.ModelProto, list[LazyRange]]:
     """Parse a serialized ModelProto, leaving out the ``raw_data`` of main-graph initializers of at least
     ``min_bytes`` bytes; their ranges are returned with the (data-less) tensors, in order."""
     model = onnx.ModelProto()
@@ -137,7 +141,7 @@ def scan_model(buf: bytes | memoryview, min_bytes: int) -> tuple[onnx.ModelProto
 
 
 def _scan_tensor(
-    buf: bytes | memoryview, start: int, end: int, tensor: onnx.TensorProto, min_bytes: int
+    buf: WireBuffer, start: int, end: int, tensor: onnx.TensorProto, min_bytes: int
 ) -> LazyRange | None:
     parts: list[bytes] = []
     raw: tuple[int, int] | None = None

@@ -110,9 +110,9 @@ class GraphView:
         self.parent = parent
         self.path = path
         self.initializers_as_constants = initializers_as_constants
-        self.data = data if data is not None or parent is None else parent.data
+        self.data: TensorReader | None = data if data is not None or parent is None else parent.data
         """Reads constants stored as external data; None when the model's tensors are all in memory."""
-        self.opset = opset if opset is not None else (parent.opset if parent is not None else 0)
+        self.opset: int = opset if opset is not None else (parent.opset if parent is not None else 0)
         """The default-domain opset computed constants are evaluated under; 0 (unknown): none are."""
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self._input_info: dict[str, onnx.ValueInfoProto] = {i.name: i for i in graph.input}
@@ -130,7 +130,7 @@ class GraphView:
             for name in sorted(reads):
                 self.consumers.setdefault(name, []).append(idx)
         self._cache: dict[str, ConstantLookup] = {}
-        self._declared: dict[str, onnx.TypeProto] | None = None
+        self._declared: dict[str, int] | None = None
         self._memo: dict[str, object] = {}
 
     # -- structure -------------------------------------------------------------------------------
@@ -273,9 +273,9 @@ class GraphView:
                 continue
             stack.append(nxt)
             pending.add(nxt)
-        found = known(name)
-        assert found is not None
-        return found
+        result = known(name)
+        assert result is not None
+        return result
 
     def _evaluable_producer(self, name: str) -> int | None:
         if name in self.initializers or name in self.graph_inputs:

@@ -306,12 +306,19 @@ def _fold_torchscript(
     progress: ProgressCallback | None,
 ) -> FoldRun:
     from bnfold.errors import VerificationFailedError
+    from bnfold.torchscript import ShapesArg as TorchShapes
     from bnfold.torchscript import TorchExportResult, TorchFoldResult, fold_torchscript, fold_torchscript_to_onnx
     from bnfold.verify import Tolerances
 
     if isinstance(shapes, Mapping) and "" in shapes:
         raise OptionError("give every --shape with a name (x=1,3,224,224) or none of them", "--shape")
-    torch_shapes = None if shapes is None or len(shapes) == 0 else shapes
+    torch_shapes: TorchShapes
+    if shapes is None or len(shapes) == 0:
+        torch_shapes = None
+    elif isinstance(shapes, Mapping):  # a bare int is a 1-D shape, as ``--shape x=4`` gives (4,)
+        torch_shapes = {k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
+    else:
+        torch_shapes = shapes
     dst = None if dry_run else out
     to_onnx = out.suffix.lower() == ".onnx"
     _tell(progress, "fold")
@@ -335,12 +342,13 @@ def _fold_torchscript(
     if written:
         output_bytes = model_file_bytes(out) if to_onnx else _stat_size(out)
     else:
-        output_bytes = outcome.model.ByteSize() if to_onnx else len(outcome.archive)  # type: ignore[union-attr]
+        output_bytes = (outcome.model.ByteSize() if isinstance(outcome, TorchExportResult)
+                        else len(outcome.archive))
     comparison = outcome.comparison
     failed = comparison is not None and not comparison.passed
     return FoldRun(
         input_path=src, input_format="torchscript", output_path=None if dry_run else out,
-        fold=outcome.fold if to_onnx else outcome,  # type: ignore[union-attr]
+        fold=outcome.fold if isinstance(outcome, TorchExportResult) else outcome,
         written=written, input_bytes=_stat_size(src), output_bytes=output_bytes, dry_run=dry_run,
         comparison=comparison, exit_code=ExitCode.VERIFY_FAILED if failed else ExitCode.OK, torch=outcome,
     )

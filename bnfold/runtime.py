@@ -248,7 +248,8 @@ def open_model(source: ModelSource, label: str, *, in_memory: bool = False) -> M
     except BadInputError as err:
         raise BadInputError(f"{err} (model '{label}')") from None
     except OSError as err:
-        raise BadInputError(f"{source}: cannot read (model '{label}'): {err.strerror or err}") from None
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the given model"
+        raise BadInputError(f"{where}: cannot read (model '{label}'): {err.strerror or err}") from None
     if data is not None:
         return ModelHandle(label, proto, data=data)
     assert isinstance(source, onnx.ModelProto)

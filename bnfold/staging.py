@@ -168,10 +168,10 @@ class StagedModel:
         self.model = light
 
     def _write_external(self, light: onnx.ModelProto, sources: list[_Data | None], store: TensorStore | None) -> None:
-        placed: list[tuple[onnx.TensorProto, Piece]] = []
+        placed: list[tuple[onnx.TensorProto, Piece | _Data]] = []
         for tensor, data in zip(light.graph.initializer, sources, strict=True):
             if data is not None:
-                placed.append((tensor, data.range if data.range is not None else data))  # type: ignore[arg-type]
+                placed.append((tensor, data.range if data.range is not None else data))
         if store is not None:
             placed += [(t, store.ref(t)) for t in _other_tensors(light) if t.data_location == _EXTERNAL]
         spill = _reusable_spill(self.dir, placed, store)

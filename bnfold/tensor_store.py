@@ -242,7 +242,7 @@ class TensorStore:
         if data_type is None or data_type not in PLAIN_TYPES:
             return None
         contiguous = np.ascontiguousarray(array)
-        offset = self._append(memoryview(contiguous.reshape(-1).view(np.uint8)))
+        offset = self._append(contiguous.reshape(-1).view(np.uint8).data)
         out = onnx.TensorProto()
         out.name, out.data_type = name, data_type
         out.dims.extend(int(d) for d in array.shape)

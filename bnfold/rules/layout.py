@@ -99,8 +99,9 @@ def _map_back(ctx: FoldContext, idx: int, axis: int, prod: Producer) -> int | st
         big = [i for i in side if xs[i] != ONE]
         if len(big) == 1:
             return big[0]
-        if not big and prod.channel_axis in side:
-            return prod.channel_axis  # one channel: every axis has size 1
+        channel = prod.channel_axis
+        if not big and channel is not None and channel in side:
+            return channel  # one channel: every axis has size 1
         return (f"{desc} merges axes {list(side)} of '{node.input[0]}' (shape {_dims(xs)}) into axis {axis}: "
                 "the channel axis would mix with other axes")
     if op == "Reshape":

@@ -56,7 +56,9 @@ def fold_weight_bias(
         )
     conflict = sole_consumer_skip(ctx, producer, norm)
     if conflict is not None and not ctx.options.clone:
-        return clone_refusal(ctx, norm, conflict, 0)
+        refusal = clone_refusal(ctx, norm, conflict, 0)  # always a Skip: cloning is off
+        if refusal is not None:
+            return refusal
     if len(node.input) < 2 or not node.input[1]:
         return ctx.skip(norm.output, norm.op_type, f"{desc} has no weight input")
     w_name = node.input[1]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 from onnx import helper
@@ -194,7 +195,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     mm_name = unique_node_name(view, node) if keep_mm else node.name
     # before opset 7, Gemm and Add broadcast only when told to
     old_opset = 0 < ctx.opset < 7 if ctx.opset else _legacy_broadcast(view, [mm, *with_add.nodes])
-    legacy = {"broadcast": 1} if old_opset else {}
+    legacy: dict[str, Any] = {"broadcast": 1} if old_opset else {}  # extra attributes for make_node
     if not with_bias:  # nothing to add: the MatMul itself writes the normalization's output
         new_nodes = [copy_node(node, inputs=[node.input[0], b_new.name], outputs=[norm.output], name=mm_name)]
     elif a_rank == 2 and b.ndim == 2 and _bias_fits_gemm(list(tensors[1].dims), shape_of(view, node.input[0])):

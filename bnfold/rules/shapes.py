@@ -306,10 +306,10 @@ def _infer(
             return {}
         rank = len(x) + len(axes)
         norm = sorted(a + rank if a < 0 else a for a in axes)
-        dims = list(x)
+        grown = list(x)
         for a in norm:
-            dims.insert(a, ONE)
-        return {out: tuple(dims)} if len(set(norm)) == len(norm) and all(0 <= a < rank for a in norm) else {}
+            grown.insert(a, ONE)
+        return {out: tuple(grown)} if len(set(norm)) == len(norm) and all(0 <= a < rank for a in norm) else {}
     if op == "Squeeze":
         axes = int_list(view, node, "axes", 1)
         if axes == []:

@@ -114,8 +114,8 @@ class GateResult:
                 f"latency gate passed: worst slowdown x{worst.slowdown:.3f} ({worst.config}) <= x{self.max_slowdown:g}"
             )
         parts = ", ".join(f"{c.config} x{c.slowdown:.3f}" for c in self.offending)
-        worst = self.offending[0].candidate
-        return f"latency gate failed: {worst} slower than x{self.max_slowdown:g} on {parts}"
+        candidate = self.offending[0].candidate
+        return f"latency gate failed: {candidate} slower than x{self.max_slowdown:g} on {parts}"
 
     def raise_if_failed(self) -> None:
         if not self.passed:

@@ -83,9 +83,9 @@ def _normalize(shapes: ShapesArg, names: list[str]) -> list[tuple[int, ...]]:
         if missing:
             raise BadInputError(f"no shape given for input(s) {missing} of forward()")
         return [tuple(int(d) for d in shapes[n]) for n in names]
-    seq = list(shapes)
-    if seq and all(isinstance(d, int) for d in seq):
-        seq = [seq]  # a single flat shape
+    items: list[Any] = list(shapes)
+    flat = bool(items) and all(isinstance(d, int) for d in items)
+    seq: list[Sequence[int]] = [items] if flat else items  # a single flat shape: one input
     if len(seq) != len(names):
         raise BadInputError(f"forward() takes {len(names)} input(s) {names}, but {len(seq)} shape(s) were given")
     return [tuple(int(d) for d in s) for s in seq]
