@@ -42,6 +42,7 @@ __all__ = [
     "rounding_skip",
     "sole_consumer_skip",
     "unique_node_name",
+    "weight_and_bias",
 ]
 
 
@@ -146,6 +147,28 @@ def constant_or_skip(ctx: FoldContext, name: str, role: str, norm: Norm) -> np.n
     if found.value is None:
         return ctx.skip(norm.output, norm.op_type, f"{role} '{name}' {found.why_not}")
     return found.value
+
+
+def weight_and_bias(
+    ctx: FoldContext, norm: Norm, node: onnx.NodeProto, desc: str, roles: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray | None] | Skip:
+    """Inputs 1 and 2 of an ``op(X, W, B?)`` producer as constants: the weight (floating point) and the
+    optional bias, or the Skip naming the one that is missing, not a float, or not a constant.
+    ``roles`` names them in messages: ("weight", "bias") for Conv, ("B", "C") for Gemm."""
+    w_role, b_role = roles
+    if len(node.input) < 2 or not node.input[1]:
+        return ctx.skip(norm.output, norm.op_type, f"{desc} has no {w_role} input")
+    w_name = node.input[1]
+    not_float = non_float_skip(ctx, norm, w_name, f"{w_role} '{w_name}' of {desc}")
+    if not_float is not None:
+        return not_float
+    weight = constant_or_skip(ctx, w_name, f"{w_role} of {desc}", norm)
+    if isinstance(weight, Skip):
+        return weight
+    if len(node.input) < 3 or not node.input[2]:
+        return weight, None
+    bias = constant_or_skip(ctx, node.input[2], f"{b_role} of {desc}", norm)
+    return bias if isinstance(bias, Skip) else (weight, bias)
 
 
 def sole_consumer_skip(ctx: FoldContext, producer: int, norm: Norm) -> Skip | None:

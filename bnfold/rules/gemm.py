@@ -40,14 +40,13 @@ from bnfold.rules.base import (
     Norm,
     Skip,
     clone_refusal,
-    constant_or_skip,
     copy_node,
     new_tensor,
-    non_float_skip,
     producer_fold,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
+    weight_and_bias,
 )
 
 __all__ = ["NAME", "match"]
@@ -74,22 +73,12 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     conflict = sole_consumer_skip(ctx, producer, norm)
     if conflict is not None and not ctx.options.clone:
         return clone_refusal(ctx, norm, conflict, 0)
-    if len(node.input) < 2 or not node.input[1]:
-        return skip(f"{desc} has no B input")
+    read = weight_and_bias(ctx, norm, node, desc, ("B", "C"))
+    if isinstance(read, Skip):
+        return read
+    b, c = read
     b_name = node.input[1]
-    c_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    not_float = non_float_skip(ctx, norm, b_name, f"B '{b_name}' of {desc}")
-    if not_float is not None:
-        return not_float
-    b = constant_or_skip(ctx, b_name, f"B of {desc}", norm)
-    if isinstance(b, Skip):
-        return b
-    c: np.ndarray | None = None
-    if c_name is not None:
-        got = constant_or_skip(ctx, c_name, f"C of {desc}", norm)
-        if isinstance(got, Skip):
-            return got
-        c = got
+    c_name = node.input[2] if c is not None else None
     if b.ndim != 2:
         return skip(f"B '{b_name}' of {desc} has rank {b.ndim}, not 2")
     trans_b = int(attr(node, "transB", 0))

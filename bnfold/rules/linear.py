@@ -24,14 +24,13 @@ from bnfold.rules.base import (
     Norm,
     Skip,
     clone_refusal,
-    constant_or_skip,
     copy_node,
     new_tensor,
-    non_float_skip,
     producer_fold,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
+    weight_and_bias,
 )
 
 __all__ = ["fold_weight_bias"]
@@ -59,22 +58,12 @@ def fold_weight_bias(
         refusal = clone_refusal(ctx, norm, conflict, 0)  # always a Skip: cloning is off
         if refusal is not None:
             return refusal
-    if len(node.input) < 2 or not node.input[1]:
-        return ctx.skip(norm.output, norm.op_type, f"{desc} has no weight input")
+    read = weight_and_bias(ctx, norm, node, desc, ("weight", "bias"))
+    if isinstance(read, Skip):
+        return read
+    weight, bias = read
     w_name = node.input[1]
-    b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    not_float = non_float_skip(ctx, norm, w_name, f"weight '{w_name}' of {desc}")
-    if not_float is not None:
-        return not_float
-    weight = constant_or_skip(ctx, w_name, f"weight of {desc}", norm)
-    if isinstance(weight, Skip):
-        return weight
-    bias: np.ndarray | None = None
-    if b_name is not None:
-        got = constant_or_skip(ctx, b_name, f"bias of {desc}", norm)
-        if isinstance(got, Skip):
-            return got
-        bias = got
+    b_name = node.input[2] if bias is not None else None
     if weight.ndim < 2:
         return ctx.skip(norm.output, norm.op_type, f"weight '{w_name}' of {desc} has rank {weight.ndim}")
     channels = out_channels(weight.shape)
