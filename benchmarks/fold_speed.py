@@ -138,7 +138,7 @@ def run_tool(tool: str, src: str, dst: str) -> dict[str, Any]:
 
         bnfold.fold(src, output=dst)
     elif tool == "bnfold-cli":
-        from bnfold.cli import main
+        from bnfold.cli.app import main
 
         try:
             main([src, "-o", dst, "--no-verify", "-q"])

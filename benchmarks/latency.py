@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bnfold  # noqa: E402
+from bnfold.environment import Environment  # noqa: E402
 from bnfold.timing import LatencyReport, latency  # noqa: E402
-from bnfold.timing.environment import collect_environment  # noqa: E402
 
 
 @dataclass
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     if len(report.settings.providers) > len(measured)
                     else measured
                 )
-    env = collect_environment(measured or ["CPUExecutionProvider"])
+    env = Environment.capture(measured_providers=measured or ["CPUExecutionProvider"]).to_dict()
 
     table = Table(title="Latency: original vs folded (medians, ms)")
     for i, name in enumerate(HEADER):

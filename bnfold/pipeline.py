@@ -12,6 +12,7 @@ from there, and committed only when the check passes (or ``force``); a failed ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -19,15 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnfold.check.options import VerifyOptions
 from bnfold.errors import BnfoldError, ExitCode, OptionError, OutputError
-from bnfold.passes import FoldResult
-from bnfold.rules.base import FoldOptions
-from bnfold.verify.check import DEFAULT_SEEDS
+from bnfold.folding.options import FoldOptions
+from bnfold.folding.result import FoldResult, FoldSummary
+from bnfold.overrides import with_overrides
+from bnfold.timing.options import LatencyOptions
 
 if TYPE_CHECKING:
+    from bnfold.check import Comparison
+    from bnfold.io.load import ModelSource
     from bnfold.timing import GateResult, LatencyReport
-    from bnfold.torchscript import TorchExportResult, TorchFoldResult
-    from bnfold.verify import Comparison
+    from bnfold.torch import TorchExportResult, TorchFoldResult
 
 __all__ = [
     "TORCH_SUFFIXES",
@@ -37,6 +41,7 @@ __all__ = [
     "ProgressCallback",
     "ShapesArg",
     "VerifyOptions",
+    "fold",
     "fold_file",
     "model_file_bytes",
     "time_files",
@@ -58,32 +63,6 @@ exactly one, for its only input)."""
 
 
 @dataclass(frozen=True)
-class VerifyOptions:
-    """How the folded model is checked (see :func:`bnfold.verify.verify`)."""
-
-    rtol: float | None = None
-    atol: float | None = None
-    seeds: tuple[int, ...] = DEFAULT_SEEDS
-    inputs: str | os.PathLike[str] | None = None
-    """A ``.npz`` file of real inputs (ONNX input only)."""
-    input_ranges: Mapping[str, tuple[float, float]] | None = None
-    """Input name -> half-open range of generated values (ONNX input only)."""
-
-
-@dataclass(frozen=True)
-class LatencyOptions:
-    """How the models are timed (see :func:`bnfold.timing.latency`) and the optional gate."""
-
-    runs: int = 100
-    warmup: int = 10
-    rounds: int = 10
-    threads: int | None = None
-    levels: tuple[str, ...] = ("disable_all", "enable_all")
-    max_slowdown: float | None = None
-    """Gate: exit code 5 when the candidate's median exceeds this many times the baseline's anywhere."""
-
-
-@dataclass(frozen=True)
 class FoldRun:
     """What :func:`fold_file` did: the fold, the check, the write, the timing, and the exit code."""
 
@@ -92,10 +71,10 @@ class FoldRun:
     """``"onnx"`` or ``"torchscript"``."""
     output_path: Path | None
     """Where the model goes (None: a dry run)."""
-    fold: FoldResult | TorchFoldResult
-    """The ONNX fold (also for TorchScript exported to ONNX), or the TorchScript fold. When nothing was
-    written, ``fold.model``'s large tensors may name staged files that are gone: use ``fold_file`` with
-    ``dry_run`` or :func:`bnfold.fold` for a model to keep in memory."""
+    fold: FoldSummary | TorchFoldResult
+    """What was folded and what was left, with reasons: the ONNX fold's account (also for TorchScript
+    exported to ONNX; the model itself is the file written, or :func:`fold` for one in memory), or the
+    TorchScript fold."""
     written: bool
     input_bytes: int | None
     """The input file and every external data file it references."""
@@ -108,7 +87,7 @@ class FoldRun:
     exit_code: ExitCode = ExitCode.OK
     """0, 4 (check failed: nothing written unless forced) or 5 (latency gate failed)."""
     torch: TorchFoldResult | TorchExportResult | None = field(default=None, repr=False)
-    """TorchScript input: what :mod:`bnfold.torchscript` returned (module, archive, exported model)."""
+    """TorchScript input: what :mod:`bnfold.torch` returned (module, archive, exported model)."""
 
     @property
     def verification_failed(self) -> bool:
@@ -149,7 +128,7 @@ class LatencyRun:
 
     def to_report(self) -> dict[str, Any]:
         """The ``bnfold.latency-report/1`` JSON object."""
-        from bnfold import __version__
+        from bnfold._version import __version__
 
         return {"schema": "bnfold.latency-report/1", "bnfold_version": __version__,
                 "latency": _latency_json(self.latency, self.gate), "exit_code": int(self.exit_code)}
@@ -161,10 +140,9 @@ def fold_file(
     *,
     dry_run: bool = False,
     options: FoldOptions | None = None,
-    check: bool = True,
     shapes: ShapesArg = None,
     verify: bool = True,
-    verify_options: VerifyOptions = VerifyOptions(),
+    verify_options: VerifyOptions | None = None,
     force: bool = False,
     providers: Sequence[str] | None = None,
     latency: LatencyOptions | None = None,
@@ -175,8 +153,9 @@ def fold_file(
 ) -> FoldRun:
     """Fold the model file ``src`` into ``dst`` (default: ``src`` with ``.folded`` before the suffix).
 
-    ONNX input: folded with ``options`` (``check``: ``onnx.checker`` on both), staged beside ``dst``, checked
-    from there on onnxruntime (``verify``; ``providers`` as in :func:`bnfold.verify.verify`), committed unless
+    ONNX input: folded with ``options`` (tensors read on demand, new ones spilled beside ``dst``: memory stays
+    far below the model's size), staged beside ``dst``, checked from there on onnxruntime (``verify``,
+    ``verify_options``; ``shapes`` and ``providers`` fill theirs), committed unless
     the check failed and not ``force``; then, with ``latency``, the original and the folded model are timed
     on ``providers`` and gated. TorchScript input (recognised by content): ``dst`` ending in ``.onnx`` exports
     to ONNX (``opset``) and folds there, any other suffix writes a TorchScript archive checked in torch;
@@ -187,8 +166,9 @@ def fold_file(
     Raises OptionError (an unknown rule, a TorchScript output for an ONNX input, shapes that cannot be
     meant, a level this onnxruntime lacks), BadInputError, OutputError, MissingDependencyError.
     """
-    from bnfold.torchscript import is_torchscript
+    from bnfold.torch import is_torchscript
 
+    verify_options = verify_options or VerifyOptions()
     report_path = Path(os.fspath(report)) if report is not None else None
     _check_writable(report_path)  # before anything is written: a bad report path must not leave a model behind
     src = Path(os.fspath(src))
@@ -199,7 +179,7 @@ def fold_file(
         run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
                                 force=force, opset=opset, eval_mode=eval_mode, progress=progress)
     else:
-        run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), check=check, shapes=shapes,
+        run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), shapes=shapes,
                          verify=verify, verify_options=verify_options, force=force, providers=providers,
                          latency=latency, progress=progress)
     if report_path is not None:
@@ -209,13 +189,40 @@ def fold_file(
     return run
 
 
+def fold(model: ModelSource, options: FoldOptions | None = None, /, **overrides: Any) -> FoldResult:
+    """Fold every foldable BatchNormalization of an ONNX model, in memory.
+
+    ``model`` is a path, bytes or an ``onnx.ModelProto`` (never modified). ``options`` (or its fields as
+    keywords: ``only``, ``skip``, ``clone``, ``max_clone_bytes``, ``initializers_as_constants``, ``check``)
+    say what may be folded. Returns a frozen :class:`~bnfold.folding.FoldResult`: the folded model (its
+    tensors in memory), the folds made and every normalization left with its reason. Raises
+    :class:`~bnfold.errors.BadInputError` for input that is not a valid model. To fold a file into a file
+    with memory far below the model's size, use :func:`fold_file`.
+    """
+    import onnx
+
+    from bnfold.folding.passes import fold_model
+    from bnfold.io.load import load_lazily, load_model, materialize
+
+    options = with_overrides(FoldOptions, options, overrides)
+    if isinstance(model, onnx.ModelProto):
+        return fold_model(load_model(model), options)
+    if isinstance(model, bytes | bytearray | memoryview):
+        return fold_model(load_model(model), options, copy=False)  # parsed here: nobody else holds it
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(f"model must be a path, bytes or onnx.ModelProto, not {type(model).__name__}")
+    lazy = load_lazily(model)
+    result = fold_model(lazy.proto, options, copy=False, data=lazy.store)
+    materialize(lazy)
+    return result
+
+
 def _fold_onnx(
     src: Path,
     out: Path,
     *,
     dry_run: bool,
     options: FoldOptions,
-    check: bool,
     shapes: ShapesArg,
     verify: bool,
     verify_options: VerifyOptions,
@@ -224,8 +231,9 @@ def _fold_onnx(
     latency: LatencyOptions | None,
     progress: ProgressCallback | None,
 ) -> FoldRun:
-    import bnfold.api  # looked up at call time (tests replace bnfold.api.fold)
-    from bnfold.onnx_io import save_model
+    from bnfold.folding.passes import fold_model
+    from bnfold.io.load import load_lazily
+    from bnfold.io.staging import StagedModel
 
     if out.suffix.lower() in TORCH_SUFFIXES:
         raise OptionError(f"{src} is an ONNX model; a TorchScript output ({out.suffix}) needs a TorchScript "
@@ -234,61 +242,44 @@ def _fold_onnx(
     onnx_shapes = _onnx_shapes(shapes)
     input_bytes = model_file_bytes(src)  # before a write that may replace it (-o equal to the input)
     _tell(progress, "fold")
-    result = bnfold.api.fold(  # from the path: tensors read on demand, the output streamed to temporary names
-        src,
-        initializers_as_constants=options.initializers_as_constants,
-        only=options.only,
-        skip=options.skip,
-        clone=options.clone,
-        max_clone_bytes=options.max_clone_bytes,
-        check=check,
-        output=None if dry_run else out,
-        commit=False,
-    )
-    staged = result.staged  # committed below once verified; discarded otherwise
-    try:
-        folded_model = staged.path if staged is not None else result.model
+    with contextlib.ExitStack() as cleanup:
+        staged = None if dry_run else StagedModel(out)
+        if staged is not None:
+            cleanup.callback(staged.discard)  # nothing once committed
+        lazy = load_lazily(src)  # tensors read on demand; new large ones spilled beside the output
+        store = lazy.store
+        if staged is not None:
+            store.open_spill(staged.scratch)
+            cleanup.callback(store.close)
+        result = fold_model(lazy.proto, options, copy=False, data=store,
+                            keep=store.spill if staged is not None else None)
+        if staged is not None:
+            staged.write(result.model, store=store, external_data=None if lazy.inline else True)
+            store.close()
         comparison = None
         if verify and result.folded:  # verified before anything is written
-            from bnfold.verify import verify as run_check
+            from bnfold.check import verify as run_check
 
             _tell(progress, "verify")
-            comparison = run_check(
-                src,  # paths: onnxruntime loads both models (and their external data) itself
-                folded_model,
-                fold_outputs=result.folded,
-                providers=list(providers) if providers else None,
-                shapes=onnx_shapes,
-                rtol=verify_options.rtol,
-                atol=verify_options.atol,
-                inputs=verify_options.inputs,
-                input_ranges=verify_options.input_ranges,
-                seeds=verify_options.seeds,
+            comparison = run_check(  # paths: onnxruntime loads both models (and their external data) itself
+                src, staged.path if staged is not None else result.model,
+                _verify_settings(verify_options, onnx_shapes, providers), fold_outputs=result.folded,
             )
         failed = comparison is not None and not comparison.passed
-        written = False
-        if not dry_run and (not failed or force):
-            if staged is not None:
-                staged.commit()
-            else:
-                save_model(result.model, out)
-            written = True
-        if staged is not None:
-            output_bytes: int | None = staged.nbytes
-        else:
-            output_bytes = model_file_bytes(out) if written else result.model.ByteSize()
+        written = staged is not None and (not failed or force)
+        if written:
+            assert staged is not None
+            staged.commit()
+        output_bytes = staged.nbytes if staged is not None else result.model.ByteSize()
         timing, gate = None, None
         if latency is not None:
             folded_model = staged.path if staged is not None else result.model  # after commit: the output
             timing, gate = _measure({"original": src, "folded": folded_model}, latency, providers, progress)
-    finally:
-        if staged is not None:
-            staged.discard()  # nothing once committed
     code = ExitCode.VERIFY_FAILED if failed else gate.exit_code if gate is not None else ExitCode.OK
     return FoldRun(
-        input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result, written=written,
-        input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run, comparison=comparison,
-        latency=timing, gate=gate, exit_code=code,
+        input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result.summary(),
+        written=written, input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run,
+        comparison=comparison, latency=timing, gate=gate, exit_code=code,
     )
 
 
@@ -305,10 +296,10 @@ def _fold_torchscript(
     eval_mode: bool,
     progress: ProgressCallback | None,
 ) -> FoldRun:
+    from bnfold.check import Tolerances
     from bnfold.errors import VerificationFailedError
-    from bnfold.torchscript import ShapesArg as TorchShapes
-    from bnfold.torchscript import TorchExportResult, TorchFoldResult, fold_torchscript, fold_torchscript_to_onnx
-    from bnfold.verify import Tolerances
+    from bnfold.torch import ShapesArg as TorchShapes
+    from bnfold.torch import TorchExportResult, TorchFoldResult, fold_torchscript, fold_torchscript_to_onnx
 
     if isinstance(shapes, Mapping) and "" in shapes:
         raise OptionError("give every --shape with a name (x=1,3,224,224) or none of them", "--shape")
@@ -348,7 +339,7 @@ def _fold_torchscript(
     failed = comparison is not None and not comparison.passed
     return FoldRun(
         input_path=src, input_format="torchscript", output_path=None if dry_run else out,
-        fold=outcome.fold if isinstance(outcome, TorchExportResult) else outcome,
+        fold=outcome.fold.summary() if isinstance(outcome, TorchExportResult) else outcome,
         written=written, input_bytes=_stat_size(src), output_bytes=output_bytes, dry_run=dry_run,
         comparison=comparison, exit_code=ExitCode.VERIFY_FAILED if failed else ExitCode.OK, torch=outcome,
     )
@@ -358,7 +349,7 @@ def time_files(
     baseline: str | os.PathLike[str],
     candidate: str | os.PathLike[str],
     *,
-    latency: LatencyOptions = LatencyOptions(),  # frozen: never mutated
+    latency: LatencyOptions | None = None,
     providers: Sequence[str] | None = None,
     batch: int | None = None,
     shapes: Mapping[str, Sequence[int] | int] | None = None,
@@ -377,8 +368,8 @@ def time_files(
     a, b = (base.name, cand.name) if base.name != cand.name else (str(base), str(cand))
     if a == b:
         a, b = f"{a} (A)", f"{b} (B)"
-    timing, gate = _measure({a: base, b: cand}, latency, providers, progress, batch=batch, shapes=shapes,
-                            include_copies=include_copies, io_binding=io_binding)
+    timing, gate = _measure({a: base, b: cand}, latency or LatencyOptions(), providers, progress, batch=batch,
+                            shapes=shapes, include_copies=include_copies, io_binding=io_binding)
     run = LatencyRun(timing, gate)
     if report_path is not None:
         from bnfold.report import write_json
@@ -389,7 +380,7 @@ def time_files(
 
 def model_file_bytes(path: str | os.PathLike[str]) -> int | None:
     """Bytes of an ONNX model file plus every external data file it references (None: unreadable)."""
-    from bnfold.onnx_io import load_lazily
+    from bnfold.io.load import load_lazily
 
     try:
         files = load_lazily(path).store.referenced_files()
@@ -416,7 +407,7 @@ def _check_writable(path: Path | None) -> None:
 
 
 def _check_rules(options: FoldOptions) -> None:
-    from bnfold.rules import RULES
+    from bnfold.folding.rules import RULES
 
     known = {m.NAME for m in RULES}
     for name in (*sorted(options.only or ()), *sorted(options.skip)):
@@ -448,29 +439,34 @@ def _measure(
     progress: ProgressCallback | None,
     **extra: Any,
 ) -> tuple[LatencyReport, GateResult | None]:
+    """Time ``models`` with ``options`` (``providers`` and ``extra`` fill its fields where given) and gate."""
     from bnfold.timing import latency
 
     def tick(label: str, done: int, total: int) -> None:
         _tell(progress, f"latency: {label}", done, total)
 
     _tell(progress, "latency")
+    if providers:
+        extra["providers"] = list(providers)
     try:
-        report = latency(
-            models,
-            providers=list(providers) if providers else None,
-            levels=options.levels,
-            runs=options.runs,
-            warmup=options.warmup,
-            rounds=options.rounds,
-            threads=options.threads,
-            progress=tick,
-            **extra,
-        )
+        report = latency(models, options, progress=tick, **extra)
     except OptionError:
         raise
     except ValueError as exc:  # an option value timing refuses (e.g. a level this onnxruntime lacks)
         raise OptionError(str(exc)) from exc
     return report, report.gate(options.max_slowdown) if options.max_slowdown is not None else None
+
+
+def _verify_settings(
+    options: VerifyOptions, shapes: Mapping[str, Sequence[int] | int] | None, providers: Sequence[str] | None
+) -> VerifyOptions:
+    """``options`` with the run's ``--shape`` and ``--provider`` (shared with timing and export) where given."""
+    fill: dict[str, Any] = {}
+    if shapes:
+        fill["shapes"] = shapes
+    if providers:
+        fill["providers"] = list(providers)
+    return with_overrides(VerifyOptions, options, fill)
 
 
 def _latency_json(report: LatencyReport, gate: GateResult | None) -> dict[str, Any]:

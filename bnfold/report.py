@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console, RenderableType
 from rich.rule import Rule
@@ -33,15 +34,37 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.environment import Environment
-from bnfold.results import FoldSummary
+from bnfold.folding.result import FoldedPair, Skip
 
-__all__ = ["SCHEMA", "fold_report", "render_fold", "render_rules", "write_json"]
+__all__ = ["SCHEMA", "FoldAccount", "fold_report", "render_fold", "render_rules", "write_json"]
 
 SCHEMA = "bnfold.report/1"
 
 
+class FoldAccount(Protocol):
+    """What a report reads of a fold: an ONNX :class:`~bnfold.folding.FoldSummary` or a TorchScript fold."""
+
+    @property
+    def folded(self) -> Sequence[FoldedPair]: ...
+
+    @property
+    def skipped(self) -> Sequence[Skip]: ...
+
+    @property
+    def nodes_before(self) -> int: ...
+
+    @property
+    def nodes_after(self) -> int: ...
+
+    @property
+    def bn_before(self) -> int: ...
+
+    @property
+    def bn_after(self) -> int: ...
+
+
 def fold_report(
-    result: FoldSummary,
+    result: FoldAccount,
     *,
     input_path: str | None,
     output_path: str | None,
@@ -50,7 +73,7 @@ def fold_report(
     output_bytes: int | None,
     input_format: str = "onnx",
 ) -> dict[str, Any]:
-    from bnfold import __version__
+    from bnfold._version import __version__
 
     return {
         "schema": SCHEMA,
@@ -80,7 +103,7 @@ def fold_report(
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write the report atomically (same guarantees as the model)."""
-    from bnfold.onnx_io import atomic_write_bytes
+    from bnfold.io.save import atomic_write_bytes
 
     data = json.dumps(report, indent=2, sort_keys=False, default=str).encode() + b"\n"
     atomic_write_bytes(path, data)
@@ -137,7 +160,7 @@ def render_fold(console: Console, report: dict[str, Any]) -> None:
 
 def render_rules(full: bool = False) -> list[RenderableType]:
     """The fold rules: a table (name, summary, refusal conditions), or with ``full`` each rule's header."""
-    from bnfold.rules import rule_infos
+    from bnfold.folding.rules import rule_infos
 
     if full:
         return [part for info in rule_infos() for part in (Rule(info.name), Text(info.doc))]

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.passes import FoldResult, count_nodes
+from bnfold.folding.passes import FoldResult, count_nodes
 
 __all__ = [
     "FuzzCase",

@@ -21,7 +21,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 import bnfold
-from bnfold.passes import FoldResult
+from bnfold.folding.passes import FoldResult
 
 __all__ = [
     "BF16",

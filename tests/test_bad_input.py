@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_io_cli import conv_bn_model
 
 import bnfold
-from bnfold.cli import fold_cmd, main
+from bnfold.cli.app import fold_cmd, main
 from bnfold.errors import BadInputError, BnfoldError, ExitCode, OutputError
 
 # verification runs by default; the catalogue is about input and output, so skip it where it exists
@@ -274,7 +274,7 @@ def test_torchscript_archive_given_to_the_onnx_library_is_bad_input(tmp_path: Pa
 @pytest.mark.torch
 def test_onnx_given_where_torchscript_is_expected_is_bad_input(tmp_path: Path) -> None:
     torch_or_skip()
-    from bnfold.torchscript import fold_torchscript
+    from bnfold.torch import fold_torchscript
 
     src = save(conv_bn_model()[0], tmp_path / "model.pt")
     digest = listing(tmp_path)
@@ -294,7 +294,7 @@ def test_torchscript_archive_named_onnx_is_recognised_by_content(
     got = run_cli([str(src), "-o", str(tmp_path / "out.pt"), "-q"], capsys)
     assert got.code == ExitCode.OK, got.err
     assert src.read_bytes() == digest
-    from bnfold.torchscript import is_torchscript
+    from bnfold.torch import is_torchscript
 
     assert is_torchscript(tmp_path / "out.pt")
 
@@ -309,7 +309,7 @@ def test_no_batchnorm_is_success_nothing_to_fold(tmp_path: Path, capsys: pytest.
     got = run_cli([str(src), "-o", str(tmp_path / "o.onnx")], capsys)
     assert got.code == ExitCode.OK and "nothing to fold" in got.out and got.err == ""
     assert onnx.load(tmp_path / "o.onnx").graph == model.graph
-    assert bnfold.fold(src).folded == []
+    assert bnfold.fold(src).folded == ()
 
 
 def _with_stat(role: str, index: int, value: float, epsilon: float | None = None) -> onnx.ModelProto:
@@ -655,7 +655,7 @@ def test_in_place_external_data_fold_interrupted_at_each_rename(
     reference = build(tmp_path / "reference")
     old = _content(reference)
     calls = _counting_replace(monkeypatch, 0, exc)
-    bnfold.fold(reference, output=reference)
+    bnfold.fold_file(reference, reference, verify=False)
     monkeypatch.undo()
     new = _content(reference)
     assert new != old and calls[-1] == reference, calls  # the model is renamed last
@@ -664,7 +664,7 @@ def test_in_place_external_data_fold_interrupted_at_each_rename(
         before = listing(src.parent)
         _counting_replace(monkeypatch, fail_at, exc)
         with pytest.raises(type(exc) if isinstance(exc, KeyboardInterrupt) else OutputError):
-            bnfold.fold(src, output=src)
+            bnfold.fold_file(src, src, verify=False)
         monkeypatch.undo()
         assert _content(src) in (old, new), f"a mix after a failure at rename {fail_at}"
         assert listing(src.parent) == before, f"rename {fail_at} of {len(calls)}"
@@ -682,7 +682,7 @@ def replace(a, b):
         os._exit(9)
 os.replace = replace
 import bnfold
-bnfold.fold("m.onnx", output="m.onnx")
+bnfold.fold_file("m.onnx", "m.onnx", verify=False)
 print(len(calls))
 """
 
@@ -708,7 +708,7 @@ def test_in_place_external_data_fold_crashing_at_each_rename(tmp_path: Path) -> 
                               capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode == 9, proc.stderr
         assert _content(src) == (new if crash_at < 0 else old), f"crash at {crash_at}"
-        bnfold.fold(src, output=src)  # the rerun: of the fold, or of the folded model (nothing to fold)
+        bnfold.fold_file(src, src, verify=False)  # the rerun: of the fold, or of the folded model (nothing to fold)
         assert _content(src) == new
         visible = sorted(p.name for p in src.parent.iterdir() if not p.name.startswith("."))
         assert visible == sorted(["m.onnx", *data, *(["m.onnx.data"] if crash_at < 0 else [])]), crash_at
@@ -718,14 +718,14 @@ def test_rerun_writes_the_same_bytes_and_in_place_leaves_no_stale_data(tmp_path:
     src = _external(lambda d: None)(tmp_path / "in")
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
-    bnfold.fold(src, output=out)
+    bnfold.fold_file(src, out, verify=False)
     first = listing(out.parent)
-    bnfold.fold(src, output=out)  # same content, same names: the data file is renamed over its twin
+    bnfold.fold_file(src, out, verify=False)  # same content, same names: the data file is renamed over its twin
     assert listing(out.parent) == first
     data = [name for name in first if name != "o.onnx"]
     assert len(first) == 2 and re.fullmatch(r"o\.onnx\.[0-9a-f]{8}\.data", data[0])
     expected = _content(out)
-    bnfold.fold(src, output=src)  # in place: the input's old data file goes once nothing uses it
+    bnfold.fold_file(src, src, verify=False)  # in place: the input's old data file goes once nothing uses it
     assert _content(src) == expected
     assert sorted(p.name for p in src.parent.iterdir()) == ["m.onnx", "m" + data[0][1:]]  # the same bytes
 
@@ -744,7 +744,7 @@ def test_replacing_an_output_keeps_data_files_the_input_uses(tmp_path: Path) -> 
     out.write_bytes(previous.SerializeToString())
     assert _content(out) == _content(src)
     before = listing(tmp_path)
-    bnfold.fold(src, output=out)
+    bnfold.fold_file(src, out, verify=False)
     after = listing(tmp_path)
     assert "o.onnx.old.data" not in after
     assert {k: after[k] for k in ("m.onnx", "m.weights")} == {k: before[k] for k in ("m.onnx", "m.weights")}
@@ -762,7 +762,7 @@ def test_replacing_a_linked_output_deletes_no_data(tmp_path: Path, link: str) ->
         os.link(other, out)
     before = listing(other.parent)
     src = _external(lambda d: None)(tmp_path / "in")
-    bnfold.fold(src, output=out)
+    bnfold.fold_file(src, out, verify=False)
     assert not out.is_symlink() and ops(onnx.load(out)) == ["Conv"]
     after = listing(other.parent)
     assert {k: after[k] for k in ("m.onnx", "other.onnx.data")} == {k: before[k] for k in ("m.onnx", "other.onnx.data")}
@@ -814,7 +814,7 @@ def test_subprocess_ctrl_c_during_the_write(tmp_path: Path) -> None:
             real_write(fd, bytes(data)[: len(data) // 2])
             raise KeyboardInterrupt
         os.write = write
-        from bnfold.cli import main
+        from bnfold.cli.app import main
         main(["m.onnx", "-o", "o.onnx", *{NO_VERIFY!r}])
     """)
     proc = _run(["-c", script], tmp_path)
@@ -899,7 +899,7 @@ def test_subprocess_real_sigint_during_the_write(tmp_path: Path) -> None:
                 time.sleep(60)
             return real_write(fd, data)
         os.write = write
-        from bnfold.cli import main
+        from bnfold.cli.app import main
         main(["m.onnx", "-o", "o.onnx", "-q", *{NO_VERIFY!r}])
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import bnfold
-from bnfold.cli import main
+from bnfold.cli.app import main
 
 PRODUCERS = ("conv", "conv_transpose", "gemm", "matmul2", "matmul3")
 
@@ -84,7 +84,7 @@ def test_shared_producer_is_cloned_and_original_kept(kind: str, c: int, share: s
         kind = "matmul2"  # BN normalizes axis 1 of [B, T, C]: not the MatMul's columns
     model, feeds = build(kind, c, "bn", share, seed)
     result = bnfold.fold(model)
-    assert result.skipped == [], result.skipped
+    assert result.skipped == (), result.skipped
     assert [p.output for p in result.folded] == ["y"]
     out_ops = ops(result.model)
     assert not {"BatchNormalization", "Mul"} & set(out_ops)
@@ -104,7 +104,7 @@ def test_decomposed_chain_on_a_shared_output_is_not_cloned_for() -> None:
     for kind in PRODUCERS:
         model, _ = build(kind, 3, "mul_add", "consumer", 4)
         result = bnfold.fold(model)
-        assert result.folded == [] and result.skipped == []
+        assert result.folded == () and result.skipped == ()
         assert ops(result.model) == ops(model)
 
 
@@ -123,7 +123,7 @@ def test_refuses_when_the_clone_is_too_big_and_the_bound_is_inclusive() -> None:
     assert "is also a graph output" in skip.reason
     assert "a clone carrying the folded weights would add" in skip.reason and "more than the 0 allowed" in skip.reason
     needed = int(skip.reason.split("would add ")[1].split(" bytes")[0])
-    assert bnfold.fold(model, max_clone_bytes=needed - 1).folded == []
+    assert bnfold.fold(model, max_clone_bytes=needed - 1).folded == ()
     exact = bnfold.fold(model, max_clone_bytes=needed)
     assert len(exact.folded) == 1
     assert_same_outputs(model, exact.model, feeds)
@@ -139,7 +139,7 @@ def test_two_normalizations_of_one_output_both_fold() -> None:
                        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None),
                         helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)], inits)
     result = bnfold.fold(model)
-    assert ops(result.model) == ["Conv", "Conv"] and result.skipped == []
+    assert ops(result.model) == ["Conv", "Conv"] and result.skipped == ()
     assert sorted(p.output for p in result.folded) == ["y1", "y2"]
     names = [n.name for n in result.model.graph.node]
     assert len(set(names)) == len(names)

@@ -13,8 +13,8 @@ from conftest import assert_same_outputs, make_model, ops, tensor
 from onnx import TensorProto, helper
 
 import bnfold
-from bnfold import const_eval
-from bnfold.graph import GraphView
+from bnfold.ir import evaluate as const_eval
+from bnfold.ir.view import GraphView
 
 C = 4
 

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 import bnfold
 from bnfold.errors import BnfoldError
-from bnfold.rules import RULES
+from bnfold.folding.rules import RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 _SCALE = max(1, settings().max_examples // 60)  # "ci" profile: 60 -> x1; "thorough": 2000 -> x33

@@ -17,7 +17,7 @@ from conftest import assert_same_outputs, make_model, ops, tensor
 from onnx import TensorProto, helper
 
 import bnfold
-from bnfold.cli import main
+from bnfold.cli.app import main
 from bnfold.errors import BadInputError, ExitCode, OutputError
 
 
@@ -211,7 +211,7 @@ def test_cli_nothing_to_fold(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_cli_rules_lists_every_rule(capsys: pytest.CaptureFixture[str]) -> None:
-    from bnfold.rules import RULES
+    from bnfold.folding.rules import RULES
 
     code, out, _ = run_cli(["rules"], capsys)
     assert code == 0

@@ -24,7 +24,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.onnx_io import load_lazily, save_model
+from bnfold.io.load import load_lazily
+from bnfold.io.save import save_model
+from bnfold.io.staging import stage_model
 
 IR_VERSION = 8
 
@@ -170,6 +172,8 @@ def peak_rss(args: list[str], tmp: Path) -> tuple[int, float]:
 
 
 BNFOLD = [sys.executable, "-m", "bnfold"]
+IMPORTS_ONLY = [sys.executable, "-c", "import onnx, onnxruntime, numpy, rich, bnfold.pipeline, bnfold.folding.passes"]
+"""The interpreter with what a fold imports: the baseline memory figures are measured above."""
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +187,7 @@ def test_fold_memory_is_bounded_by_tensors_not_model(medium: Generated, tmp_path
     before = files_digest(medium.path.parent)
     out = tmp_path / "out" / "folded.onnx"
     out.parent.mkdir()
-    baseline, _ = peak_rss([*BNFOLD, "--version"], tmp_path)
+    baseline, _ = peak_rss(IMPORTS_ONLY, tmp_path)
     peak, _ = peak_rss([*BNFOLD, str(medium.path), "-o", str(out), "--no-verify", "-q"], tmp_path)
     assert peak - baseline < 0.5 * medium.nbytes, (peak, baseline, medium.nbytes)  # measured: ~0.1x
     assert files_digest(medium.path.parent) == before
@@ -198,16 +202,15 @@ def test_external_data_output_matches_and_input_untouched(tmp_path: Path) -> Non
     before = files_digest(src.path.parent)
     out = tmp_path / "out" / "f.onnx"
     out.parent.mkdir()
-    result = bnfold.fold(src.path, output=out)
+    run = bnfold.fold_file(src.path, out, verify=False)
     assert files_digest(src.path.parent) == before
-    assert result.staged is not None and result.staged.committed
+    assert run.written
     data = data_file_names(out.parent, "f.onnx")
     assert sorted(p.name for p in out.parent.iterdir()) == ["f.onnx", *data] and len(data) == 1
-    assert result.staged.data_files == data
-    assert len(result.folded) == 3 and bn_count(out) == 0
+    assert len(run.fold.folded) == 3 and bn_count(out) == 0
     assert_same(src.path, out, src.input_shape)
-    # the returned model is the graph as written: its references resolve against the output's folder
-    for t in result.model.graph.initializer:
+    # the written model's references resolve against the output's folder
+    for t in onnx.load(str(out), load_external_data=False).graph.initializer:
         if t.data_location == TensorProto.EXTERNAL:
             assert dict((e.key, e.value) for e in t.external_data)["location"] == data[0]
 
@@ -215,11 +218,11 @@ def test_external_data_output_matches_and_input_untouched(tmp_path: Path) -> Non
 def test_same_folder_and_in_place_never_read_what_they_overwrite(tmp_path: Path) -> None:
     src = write_conv_bn_chain(tmp_path / "m.onnx", layers=2, channels=64, files=1)
     ref_model = write_conv_bn_chain(tmp_path / "ref" / "m.onnx", layers=2, channels=64, files=1)
-    bnfold.fold(src.path, output=tmp_path / "o.onnx")
+    bnfold.fold_file(src.path, tmp_path / "o.onnx", verify=False)
     assert_same(ref_model.path, tmp_path / "o.onnx", src.input_shape)
     assert_same(ref_model.path, src.path, src.input_shape)  # the input still loads and computes the same
     # in place: the input is replaced by its fold
-    bnfold.fold(src.path, output=src.path)
+    bnfold.fold_file(src.path, src.path, verify=False)
     assert bn_count(src.path) == 0
     assert_same(ref_model.path, src.path, src.input_shape)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -237,8 +240,8 @@ def test_data_file_named_like_output_data_is_not_overwritten(tmp_path: Path) -> 
     data.rename(renamed)
     src.path.write_bytes(model.SerializeToString())
     before = files_digest(tmp_path)
-    result = bnfold.fold(src.path, output=tmp_path / "o.onnx")
-    assert result.staged is not None and result.staged.data_files == data_file_names(tmp_path, "o.onnx")
+    run = bnfold.fold_file(src.path, tmp_path / "o.onnx", verify=False)
+    assert run.written and len(data_file_names(tmp_path, "o.onnx")) == 1
     after = files_digest(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before
     assert_same(src.path, tmp_path / "o.onnx", src.input_shape)
@@ -265,15 +268,14 @@ def test_inline_model_streams_byte_identical_to_onnx(tmp_path: Path) -> None:
 def test_staged_output_loads_by_path_then_commits_or_discards(tmp_path: Path) -> None:
     src = write_conv_bn_chain(tmp_path / "m.onnx", layers=2, channels=64, files=1)
     out = tmp_path / "o.onnx"
-    result = bnfold.fold(src.path, output=out, commit=False)
-    staged = result.staged
-    assert staged is not None and not out.exists() and staged.path.exists()
+    folded = bnfold.fold(src.path).model
+    staged = stage_model(folded, out)
+    assert not out.exists() and staged.path.exists()
     assert_same(src.path, staged.path, src.input_shape)  # onnxruntime loads the staged model by path
     staged.discard()
     assert not out.exists() and not staged.path.exists()
-    result = bnfold.fold(src.path, output=out, commit=False)
-    assert result.staged is not None
-    result.staged.commit()
+    staged = stage_model(folded, out)
+    staged.commit()
     assert_same(src.path, out, src.input_shape)
 
 
@@ -296,7 +298,7 @@ def test_over_2gb_external_data_folds_in_bounded_memory(tmp_path: Path) -> None:
     before = files_digest(src.path.parent)
     out = tmp_path / "out" / "big.folded.onnx"
     out.parent.mkdir()
-    baseline, _ = peak_rss([*BNFOLD, "--version"], tmp_path)
+    baseline, _ = peak_rss(IMPORTS_ONLY, tmp_path)
     peak, wall = peak_rss([*BNFOLD, str(src.path), "-o", str(out), "--no-verify", "-q"], tmp_path)
     assert files_digest(src.path.parent) == before
     assert bn_count(out) == 0
@@ -315,8 +317,8 @@ def test_inline_model_folded_in_place(tmp_path: Path) -> None:
     inline = tmp_path / "m.onnx"
     inline.write_bytes(onnx.load(str(src.path)).SerializeToString())
     assert load_lazily(inline).inline
-    result = bnfold.fold(inline, output=inline)
-    assert len(result.folded) == 3 and bn_count(inline) == 0
+    result = bnfold.fold_file(inline, inline, verify=False)
+    assert len(result.fold.folded) == 3 and bn_count(inline) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext", "m.onnx"]
     assert_same(src.path, inline, src.input_shape)
 
@@ -351,11 +353,12 @@ def test_external_tensors_outside_the_initializers(tmp_path: Path) -> None:
         if layout == "inline":
             result = bnfold.fold(src)  # in memory: every tensor read back in
             save_model(result.model, out)
+            folded = result.folded
             assert not data_file_names(out.parent, "o.onnx")
         else:
-            result = bnfold.fold(src, output=out)
+            folded = bnfold.fold_file(src, out, verify=False).fold.folded
             assert len(data_file_names(out.parent, "o.onnx")) == 1
-        assert len(result.folded) == 1 and bn_count(out) == 0
+        assert len(folded) == 1 and bn_count(out) == 0
         assert_same(src, out, shape)
 
 
@@ -379,18 +382,19 @@ def test_clone_size_limit_is_the_same_when_tensors_go_to_disk(tmp_path: Path) ->
     src.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                                       ir_version=IR_VERSION).SerializeToString())
     in_memory = bnfold.fold(src)
-    on_disk = bnfold.fold(src, output=tmp_path / "o.onnx")
-    assert not in_memory.folded and not on_disk.folded
-    assert [s.reason for s in on_disk.skipped] == [s.reason for s in in_memory.skipped]
-    assert "max_clone_bytes" in on_disk.skipped[0].reason
-    allowed = bnfold.fold(src, output=tmp_path / "o2.onnx", max_clone_bytes=1 << 23)
-    assert len(allowed.folded) == 1
+    on_disk = bnfold.fold_file(src, tmp_path / "o.onnx", verify=False)
+    assert not in_memory.folded and not on_disk.fold.folded
+    assert [s.reason for s in on_disk.fold.skipped] == [s.reason for s in in_memory.skipped]
+    assert "max_clone_bytes" in on_disk.fold.skipped[0].reason
+    allowed = bnfold.fold_file(src, tmp_path / "o2.onnx", options=bnfold.FoldOptions(max_clone_bytes=1 << 23),
+                               verify=False)
+    assert len(allowed.fold.folded) == 1
 
 
 def test_disk_full_while_spilling_folded_tensors_is_an_output_error(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A write failure while folded tensors go to the spill file is exit 6, not an internal error."""
-    import bnfold.tensor_store as ts
+    import bnfold.io.store as ts
     from bnfold.errors import OutputError
 
     src = tmp_path / "m.onnx"
@@ -404,7 +408,7 @@ def test_disk_full_while_spilling_folded_tensors_is_an_output_error(tmp_path: Pa
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
     with pytest.raises(OutputError, match="No space left"):
-        bnfold.fold(src, output=out)
+        bnfold.fold_file(src, out, verify=False)
     assert list(out.parent.iterdir()) == []
 
 

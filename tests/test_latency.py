@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from bnfold import runtime
+from bnfold.check import runtime
 from bnfold.errors import BadInputError, ExitCode, GateFailedError, MissingDependencyError
 from bnfold.timing import (
     CUDA_UNAVAILABLE_NOTE,
@@ -442,7 +442,7 @@ def test_external_data_path(tmp_path: Any) -> None:
 
 
 def _cli(args: list[str]) -> int:
-    from bnfold.cli import main
+    from bnfold.cli.app import main
 
     with pytest.raises(SystemExit) as info:
         main(args)

@@ -129,7 +129,7 @@ def test_chain_folds_into_producer_and_matches(case: dict[str, object]) -> None:
     steps = [s for s, _, _ in case["steps"]]  # type: ignore[attr-defined]
     if kind.startswith("matmul") and len(steps) == 1 and steps[0] in ("Add", "SubR"):
         # a lone constant Add/Sub after a bare MatMul is its bias: the folded form already, left alone
-        assert result.folded == [] and result.skipped == []
+        assert result.folded == () and result.skipped == ()
         assert ops(result.model) == ops(model)
         return
     assert len(result.folded) == 1, result.skipped
@@ -141,7 +141,7 @@ def test_chain_folds_into_producer_and_matches(case: dict[str, object]) -> None:
         assert len(out_ops) <= 2
     else:
         assert out_ops == [ops(model)[0]]
-    assert result.skipped == []
+    assert result.skipped == ()
     assert_same_outputs(model, result.model, feeds)
 
 
@@ -163,7 +163,7 @@ def test_c_vector_on_nchw_with_w_equal_c_is_not_per_channel() -> None:
     for op in ("Mul", "Add"):
         model, feeds = conv_then(op, const)
         result = bnfold.fold(model)
-        assert result.folded == []
+        assert result.folded == ()
         assert ops(result.model) == ["Conv", op]
         [skip] = result.skipped
         assert skip.output == "y" and "axis 3" in skip.reason and "LAST" in skip.reason
@@ -190,7 +190,7 @@ def test_scalar_and_all_ones_shapes_are_per_channel() -> None:
 def test_refuses_constant_varying_along_several_axes() -> None:
     model, feeds = conv_then("Mul", np.random.default_rng(0).uniform(1, 2, (4, 3, 1)).astype(np.float32))
     result = bnfold.fold(model)
-    assert result.folded == []
+    assert result.folded == ()
     [skip] = result.skipped
     assert "varies along axes [1, 2]" in skip.reason and "not one value per channel" in skip.reason
     assert_same_outputs(model, result.model, feeds)
@@ -263,7 +263,7 @@ def test_ordinary_mul_add_are_not_reported() -> None:
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
                        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
     result = bnfold.fold(model)
-    assert result.folded == [] and result.skipped == []
+    assert result.folded == () and result.skipped == ()
     assert ops(result.model) == ops(model)
 
 
@@ -275,7 +275,7 @@ def test_bare_matmul_bias_add_is_left_alone_and_does_not_loop() -> None:
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 3])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     result = bnfold.fold(model)
-    assert result.folded == [] and result.skipped == []
+    assert result.folded == () and result.skipped == ()
     assert result.model.SerializeToString() == bnfold.fold(result.model).model.SerializeToString()
 
 
@@ -313,7 +313,7 @@ def test_conv_bn_mul_add_and_conv_bn_bn_fold_to_one_conv() -> None:
     result = bnfold.fold(model)
     assert ops(result.model) == ["Conv"]
     assert sorted(p.norm_op for p in result.folded) == ["Add", "BatchNormalization", "BatchNormalization", "Mul"]
-    assert result.skipped == []
+    assert result.skipped == ()
     assert len(result.model.graph.initializer) == 2
     assert_same_outputs(model, result.model, {"x": rng.standard_normal((2, 2, 5, 5)).astype(np.float32)})
 
@@ -343,7 +343,7 @@ def test_chain_stops_at_a_graph_output_and_shared_producers_are_left_alone() -> 
     for clone in (True, False):
         result = bnfold.fold(model, clone=clone)
         assert ops(result.model) == ["Conv", "Add"]
-        assert [p.norm_op for p in result.folded] == ["Mul"] and result.skipped == []
+        assert [p.norm_op for p in result.folded] == ["Mul"] and result.skipped == ()
         assert_same_outputs(model, result.model, feeds)
 
 
@@ -360,18 +360,18 @@ def test_gelu_style_arithmetic_on_a_shared_tensor_is_left_alone() -> None:
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 3])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     result = bnfold.fold(model)
-    assert result.folded == [] and result.skipped == []
+    assert result.folded == () and result.skipped == ()
     assert ops(result.model) == ops(model)
 
 
 def test_skip_and_only_select_the_affine_rule() -> None:
     model, feeds = conv_then("Mul", np.full((4, 1, 1), 2.0, np.float32))
     skipped = bnfold.fold(model, skip=["affine"])
-    assert skipped.folded == [] and skipped.skipped == []
+    assert skipped.folded == () and skipped.skipped == ()
     only = bnfold.fold(model, only=["affine"])
     assert ops(only.model) == ["Conv"]
     assert_same_outputs(model, only.model, feeds)
-    assert bnfold.fold(model, only=["conv"]).folded == []
+    assert bnfold.fold(model, only=["conv"]).folded == ()
 
 
 # ---- through layout ops (the layout rule proves the mapping) ---------------------------------------
@@ -429,4 +429,4 @@ def test_through_layout_an_ordinary_broadcast_is_not_reported() -> None:
     pos = np.random.default_rng(10).standard_normal((5, 3, 1)).astype(np.float32)  # a positional term
     model, _ = conv_layout_then([nhwc], [("Add", pos)])
     result = bnfold.fold(model)
-    assert result.folded == [] and result.skipped == []
+    assert result.folded == () and result.skipped == ()

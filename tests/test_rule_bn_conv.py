@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import bnfold
-from bnfold.folding import bn_affine
-from bnfold.rules.bn_conv import fold_into_input
+from bnfold.folding.math import bn_affine
+from bnfold.folding.rules.bn_conv import fold_into_input
 
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -115,7 +115,7 @@ def build(case: dict[str, object]) -> tuple[onnx.ModelProto, dict[str, np.ndarra
 def test_bn_folds_into_following_convs_and_matches(case: dict[str, object]) -> None:
     model, feeds = build(case)
     result = bnfold.fold(model)
-    assert result.skipped == [], result.skipped
+    assert result.skipped == (), result.skipped
     assert [(p.rule, p.norm_op, p.output) for p in result.folded] == [("bn_conv", "BatchNormalization", "z0")]
     assert ops(result.model) == ["Conv"] * (len(model.graph.node) - 1)
     assert all(n.input[0] == "x" for n in result.model.graph.node)
@@ -185,7 +185,7 @@ def _bn_convs(pads: list[list[int] | None], x_shape: list[int | str] | None = No
 
 def _single_skip(model: onnx.ModelProto, **kw: object) -> str:
     result = bnfold.fold(model, check=False, **kw)  # type: ignore[arg-type]
-    assert result.folded == []
+    assert result.folded == ()
     assert "BatchNormalization" in ops(result.model)
     [skip] = result.skipped
     assert skip.output == "y"

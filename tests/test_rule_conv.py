@@ -134,7 +134,7 @@ def test_conv_bn_folds_and_matches(case: ConvCase) -> None:
     result = bnfold.fold(model)
     assert ops(result.model) == ["Conv"]
     assert [p.output for p in result.folded] == ["y"]
-    assert result.skipped == []
+    assert result.skipped == ()
     folded = result.model
     assert [o.name for o in folded.graph.output] == ["y"]
     assert folded.opset_import == model.opset_import
@@ -160,7 +160,7 @@ def test_folded_tensors_are_rounded_once_from_float64(dtype: type) -> None:
     scale = orig["gamma"] / np.sqrt(orig["var"] + float(np.float32(1e-3)))
     expect_w = orig["W"] * scale[:, None, None, None]
     expect_b = orig["B"] * scale + (orig["beta"] - orig["mean"] * scale)
-    from bnfold.folding import round_to
+    from bnfold.folding.math import round_to
 
     np.testing.assert_array_equal(init[conv.input[1]], round_to(expect_w, np.dtype(dtype), "w"))
     np.testing.assert_array_equal(init[conv.input[2]], round_to(expect_b, np.dtype(dtype), "b"))
@@ -206,7 +206,7 @@ def _simple(**changes: object) -> ConvCase:
 
 def _only_skip(model: onnx.ModelProto, **kw: object) -> str:
     result = bnfold.fold(model, **kw)  # type: ignore[arg-type]
-    assert result.folded == []
+    assert result.folded == ()
     assert "BatchNormalization" in ops(result.model)
     assert len(result.skipped) == 1
     return result.skipped[0].reason
@@ -406,7 +406,7 @@ def test_rerun_is_byte_identical_and_idempotent() -> None:
     second = bnfold.fold(model).model.SerializeToString()
     assert first == second
     again = bnfold.fold(first)
-    assert again.folded == [] and again.skipped == []
+    assert again.folded == () and again.skipped == ()
     assert again.model.SerializeToString() == first
 
 

@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from onnx_builders import BF16, FP16, FP32, FP64, assert_fold_matches, bn, build, opsets_for
 
 import bnfold
-from bnfold.folding import bn_affine, round_to
+from bnfold.folding.math import bn_affine, round_to
 
 # ConvTranspose-1 (opsets 1-10), -11 (11-21), -22 (22+) x BatchNormalization-6, -7, -9, -14, -15;
 # 26 is the newest opset onnxruntime 1.31 loads.
@@ -144,7 +144,7 @@ def test_grouped_weight_scaled_on_axis1_per_group() -> None:
 
 def _only_skip(model: onnx.ModelProto, **kw: object) -> str:
     result = bnfold.fold(model, clone=False, **kw)  # type: ignore[arg-type]
-    assert result.folded == []
+    assert result.folded == ()
     assert "BatchNormalization" in ops(result.model)
     assert len(result.skipped) == 1
     return result.skipped[0].reason

@@ -15,11 +15,11 @@ from onnx import helper, numpy_helper
 from onnx_builders import BF16, FP16, FP32, FP64, assert_fold_matches, bn, build, opsets_for
 
 import bnfold
-from bnfold.folding import bn_affine
-from bnfold.graph import GraphView
-from bnfold.onnx_io import NameAllocator
-from bnfold.rules import gemm
-from bnfold.rules.base import FoldContext, FoldOptions, Norm, Skip
+from bnfold.folding.math import bn_affine
+from bnfold.folding.rules import gemm
+from bnfold.folding.rules.base import FoldContext, FoldOptions, Norm, Skip
+from bnfold.ir.names import NameAllocator
+from bnfold.ir.view import GraphView
 
 # Gemm-6 (opset 6, with BatchNormalization-6), -7 (7, 8), -9 (9, 10), -11 (11, 12), -13 (13+) and
 # BatchNormalization-7, -9, -14, -15; 26 is the newest opset onnxruntime 1.31 loads.
@@ -181,7 +181,7 @@ def test_rerun_is_byte_identical_and_idempotent() -> None:
     first = bnfold.fold(model).model.SerializeToString()
     assert bnfold.fold(model).model.SerializeToString() == first
     again = bnfold.fold(first)
-    assert again.folded == [] and again.skipped == [] and again.model.SerializeToString() == first
+    assert again.folded == () and again.skipped == () and again.model.SerializeToString() == first
 
 
 def test_ir3_initializers_as_inputs_refused_unless_flag() -> None:
@@ -199,7 +199,7 @@ def test_ir3_initializers_as_inputs_refused_unless_flag() -> None:
 
 def _only_skip(model: onnx.ModelProto, **kw: object) -> str:
     result = bnfold.fold(model, clone=False, **kw)  # type: ignore[arg-type]
-    assert result.folded == []
+    assert result.folded == ()
     assert "BatchNormalization" in ops(result.model)
     assert len(result.skipped) == 1
     return result.skipped[0].reason

@@ -123,7 +123,7 @@ def test_bn_through_layout_ops_folds_and_matches(
 ) -> None:
     model, feeds, layout_ops = build(kind, c, batch, symbolic, opset, dt, seed)
     result = bnfold.fold(model)
-    assert result.skipped == [], result.skipped
+    assert result.skipped == (), result.skipped
     assert [(p.rule, p.output) for p in result.folded] == [("layout", "y")]
     out_ops = ops(result.model)
     assert "BatchNormalization" not in out_ops
@@ -147,7 +147,7 @@ def test_conv_identity_identity_bn() -> None:
 
 def _single_skip(model: onnx.ModelProto, **kw: object) -> str:
     result = bnfold.fold(model, **kw)  # type: ignore[arg-type]
-    assert result.folded == []
+    assert result.folded == ()
     assert "BatchNormalization" in ops(result.model)
     [skip] = result.skipped
     assert skip.output == "y" and skip.op_type == "BatchNormalization"
@@ -279,7 +279,7 @@ def test_only_layout_folds_through_layout_ops() -> None:
     result = bnfold.fold(model, only=["layout"])
     assert ops(result.model) == ["Gemm", "Unsqueeze"]
     assert_same_outputs(model, result.model, feeds)
-    assert bnfold.fold(model, skip=["layout"]).folded == []
+    assert bnfold.fold(model, skip=["layout"]).folded == ()
 
 
 # ---- the shapes the proofs rest on agree with onnx shape inference ---------------------------------
@@ -305,8 +305,8 @@ SHAPE_CASES = [
 
 
 def test_shape_propagation_matches_onnx_shape_inference() -> None:
-    from bnfold.graph import GraphView
-    from bnfold.rules.shapes import shape_of
+    from bnfold.ir.shapes import shape_of
+    from bnfold.ir.view import GraphView
 
     for op, x_shape, attrs, extra in SHAPE_CASES:
         inits = [tensor(f"in{i}", e if isinstance(e, np.ndarray) else np.ones(e, np.float32))

@@ -15,12 +15,12 @@ from onnx import helper, numpy_helper
 from onnx_builders import BF16, FP16, FP32, FP64, assert_fold_matches, bn, build, opsets_for
 
 import bnfold
-from bnfold.folding import Affine
-from bnfold.graph import GraphView
-from bnfold.onnx_io import NameAllocator
-from bnfold.passes import _apply
-from bnfold.rules import matmul
-from bnfold.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
+from bnfold.folding.math import Affine
+from bnfold.folding.passes import _apply
+from bnfold.folding.rules import matmul
+from bnfold.folding.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
+from bnfold.ir.names import NameAllocator
+from bnfold.ir.view import GraphView
 
 # MatMul-1 (opsets 6-8), -9 (9-12), -13 (13+); Add-6, -7, -13, -14; Gemm-6 .. -13 where the fold emits
 # one; BatchNormalization-6, -7, -9, -14, -15; 26 is the newest opset onnxruntime 1.31 loads.
@@ -143,7 +143,7 @@ def test_rerun_is_byte_identical_and_idempotent() -> None:
     first = bnfold.fold(model).model.SerializeToString()
     assert bnfold.fold(model).model.SerializeToString() == first
     again = bnfold.fold(first)
-    assert again.folded == [] and again.model.SerializeToString() == first
+    assert again.folded == () and again.model.SerializeToString() == first
 
 
 # ---- a normalization of the last axis (the decomposed-BN rules hand it over) -----------------------
@@ -222,7 +222,7 @@ def test_lone_bias_add_after_matmul_is_not_refolded() -> None:
 
 def _only_skip(model: onnx.ModelProto, **kw: object) -> str:
     result = bnfold.fold(model, clone=False, **kw)  # type: ignore[arg-type]
-    assert result.folded == []
+    assert result.folded == ()
     assert "BatchNormalization" in ops(result.model)
     (skip,) = [s for s in result.skipped if s.op_type == "BatchNormalization"]
     return skip.reason

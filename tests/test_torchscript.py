@@ -1,4 +1,4 @@
-"""TorchScript in, TorchScript or ONNX out (bnfold.torchscript).
+"""TorchScript in, TorchScript or ONNX out (bnfold.torch).
 
 Every fold is checked three ways: the BatchNorm count, the typed comparison the library returns, and an
 independent run of the written archive through plain ``torch.jit.load`` against the eager module in
@@ -20,8 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from bnfold.check import Tolerances  # noqa: E402
 from bnfold.errors import BadInputError, MissingDependencyError, VerificationFailedError  # noqa: E402
-from bnfold.torchscript import (  # noqa: E402
+from bnfold.torch import (  # noqa: E402
     count_batch_norms,
     fold_torch,
     fold_torchscript,
@@ -30,7 +31,6 @@ from bnfold.torchscript import (  # noqa: E402
     parse_shapes,
     torchscript_to_onnx,
 )
-from bnfold.verify import Tolerances  # noqa: E402
 
 pytestmark = [
     pytest.mark.torch,
@@ -361,7 +361,7 @@ def test_detects_torchscript_by_content(tmp_path: Path) -> None:
 
 
 def test_without_torch_a_clear_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    code = "import sys, bnfold, bnfold.torchscript; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, bnfold, bnfold.torch; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'bnfold\[torch\]'"):
@@ -427,7 +427,7 @@ def test_fold_torch_takes_a_script_module() -> None:
 
 
 def _cli(args: list[str]) -> int:
-    from bnfold.cli import main
+    from bnfold.cli.app import main
 
     with pytest.raises(SystemExit) as info:
         main(args)

@@ -18,10 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import runtime
-from bnfold.errors import BadInputError, ExitCode, MissingDependencyError
-from bnfold.runtime import clean_ort_message
-from bnfold.verify import (
+from bnfold.check import (
     Comparison,
     Tolerances,
     compare_arrays,
@@ -29,9 +26,12 @@ from bnfold.verify import (
     localise,
     parse_range_option,
     parse_shape_option,
+    runtime,
     verify,
 )
-from bnfold.verify.feeds import model_inputs, plan_feeds
+from bnfold.check.feeds import model_inputs, plan_feeds
+from bnfold.check.runtime import clean_ort_message
+from bnfold.errors import BadInputError, ExitCode, MissingDependencyError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -158,7 +158,7 @@ def mlp(dtype: type = np.float64, *, broken: bool = False) -> tuple[onnx.ModelPr
 
 @dataclass(frozen=True)
 class Pair:
-    """Stands in for bnfold.passes.FoldedPair."""
+    """Stands in for bnfold.folding.passes.FoldedPair."""
 
     rule: str
     producer_op: str
@@ -704,7 +704,7 @@ def test_option_parsers():
 def test_render_comparison():
     from rich.console import Console
 
-    from bnfold.verify import render_comparison
+    from bnfold.check import render_comparison
 
     console = Console(record=True, width=120)
     console.print(render_comparison(verify(*two_convs(broken=1, how="bias"), seeds=(0,), fold_outputs=PAIRS, **FAST)))
@@ -714,7 +714,7 @@ def test_render_comparison():
 
 
 def _cli(argv: list[str]) -> int:
-    from bnfold.cli import main
+    from bnfold.cli.app import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -747,8 +747,8 @@ def test_cli_verify_verb(tmp_path: Path, capsys):
 
 def test_cli_fold_checks_before_writing(tmp_path: Path, monkeypatch, capsys):
     """The fold verb verifies what the passes return; here they return a broken model on purpose."""
-    import bnfold.api
-    from bnfold.passes import FoldedPair, FoldResult
+    import bnfold.folding.passes
+    from bnfold.folding.passes import FoldedPair, FoldResult
 
     orig, bad = two_convs(broken=1, how="bias")
     _, good = two_convs()
@@ -756,11 +756,11 @@ def test_cli_fold_checks_before_writing(tmp_path: Path, monkeypatch, capsys):
     onnx.save(orig, src)
     returned = {"model": bad}
 
-    def fake_fold(model, **_: object) -> FoldResult:
-        pairs = [FoldedPair("conv", "Conv", f"bn{i}", "BatchNormalization") for i in (1, 2)]
-        return FoldResult(model=returned["model"], folded=pairs, nodes_before=6, nodes_after=4)
+    def fake_fold(model: object, *_: object, **__: object) -> FoldResult:
+        pairs = tuple(FoldedPair("conv", "Conv", f"bn{i}", "BatchNormalization") for i in (1, 2))
+        return FoldResult(pairs, (), 6, 4, model=returned["model"])
 
-    monkeypatch.setattr(bnfold.api, "fold", fake_fold)
+    monkeypatch.setattr(bnfold.folding.passes, "fold_model", fake_fold)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     base = [str(src), "-o", str(out), "--seeds", "0", "--report", str(report), "-q"]
     assert _cli(base) == 4 and not out.exists()

@@ -1,4 +1,4 @@
-"""Inputs for timing: the verifier's feed planning (bnfold.verify.feeds) plus the latency rules.
+"""Inputs for timing: the verifier's feed planning (bnfold.check.feeds) plus the latency rules.
 
 Latency differs from verification in one way: a dynamic dimension other than the first (height, width,
 sequence length) must be given, because timing at the verifier's default size (16) would be a misleading
@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from bnfold.check.feeds import FeedPlan, InputSpec, model_inputs, plan_feeds
 from bnfold.errors import BadInputError
-from bnfold.verify.feeds import FeedPlan, InputSpec, model_inputs, plan_feeds
 
 __all__ = ["InputSpec", "make_feeds", "model_inputs", "plan_inputs", "same_signature"]
 

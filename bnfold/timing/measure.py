@@ -22,19 +22,22 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from bnfold.check.feeds import model_inputs
+from bnfold.check.runtime import ModelHandle, ModelSource, normalize_level, open_model, resolve_providers
 from bnfold.environment import Environment
 from bnfold.errors import BadInputError, first_line
-from bnfold.runtime import ModelHandle, ModelSource, normalize_level, open_model, resolve_providers
+from bnfold.overrides import with_overrides
 from bnfold.timing.inputs import InputSpec, make_feeds, plan_inputs, same_signature
+from bnfold.timing.options import LatencyOptions
 from bnfold.timing.providers import MeasureConfig, plan_configs
 from bnfold.timing.result import ConfigResult, LatencyReport, LatencySettings, ModelMeasurement
 from bnfold.timing.session import checked_session, config_session, make_runner, probe_factory
 from bnfold.timing.stats import Speedup, bootstrap_ratio_ci, interleaved_schedule, split_runs, summarize
-from bnfold.verify.feeds import model_inputs
 
 __all__ = ["ModelSource", "ProgressCallback", "latency"]
 
@@ -185,37 +188,30 @@ def _config_result(
 
 def latency(
     models: Mapping[str, ModelSource] | ModelSource,
+    options: LatencyOptions | None = None,
+    /,
     *,
-    providers: str | Sequence[str] | None = None,
-    levels: Sequence[str | ort.GraphOptimizationLevel] = ("disable_all", "enable_all"),
-    runs: int = 100,
-    warmup: int = 10,
-    rounds: int = 10,
-    creations: int = 3,
-    threads: int | None = None,
-    shapes: Mapping[str, Sequence[int] | int] | None = None,
-    batch: int | None = None,
-    io_binding: bool = True,
-    include_copies: bool = False,
-    baseline: str | None = None,
-    seed: int = 0,
-    confidence: float = 0.95,
-    resamples: int = 2000,
-    device_id: int = 0,
     progress: ProgressCallback | None = None,
+    **overrides: Any,
 ) -> LatencyReport:
     """Time ``models`` (label -> path, bytes or ModelProto) on every provider x optimization level.
 
-    ``providers``: None/"auto" = CPU, plus CUDA when it really works (else a note says so); or names
+    ``options`` (:class:`~bnfold.timing.options.LatencyOptions`, or its fields as keywords):
+    ``providers`` None/"auto" = CPU, plus CUDA when it really works (else a note says so), or names
     ("cpu", "cuda", full onnxruntime names), where one this machine cannot run raises
-    MissingDependencyError (see :func:`bnfold.runtime.resolve_providers`).
-    ``runs`` timed runs per model and configuration, split into ``rounds`` interleaved rounds, after
-    ``warmup`` untimed runs. ``threads`` sets intra_op_num_threads (None: onnxruntime's default).
-    ``shapes`` (input name -> shape, or symbolic dim -> value) and ``batch`` (replaces a dynamic first
-    dimension) fix the inputs; other dynamic dimensions must be given. Inputs: bnfold.verify.feeds.
-    ``baseline``: the label speed-ups and the gate are relative to ("original" if present, else the
-    first). Speed-up = baseline median / model median, with a seeded bootstrap CI at ``confidence``.
+    MissingDependencyError (see :func:`bnfold.check.runtime.resolve_providers`). ``runs`` timed runs per
+    model and configuration, split into ``rounds`` interleaved rounds, after ``warmup`` untimed runs.
+    ``threads`` sets intra_op_num_threads. ``shapes`` (input name -> shape, or symbolic dim -> value) and
+    ``batch`` (replaces a dynamic first dimension) fix the inputs; other dynamic dimensions must be given.
+    ``baseline``: the label speed-ups are relative to ("original" if present, else the first). Speed-up
+    = baseline median / model median, with a seeded bootstrap CI at ``confidence``. ``max_slowdown`` is
+    not applied here: :meth:`LatencyReport.gate` applies it.
     """
+    o = with_overrides(LatencyOptions, options, overrides)
+    runs, warmup, rounds, creations, threads = o.runs, o.warmup, o.rounds, o.creations, o.threads
+    levels, providers, shapes, batch, seed = o.levels, o.providers, o.shapes, o.batch, o.seed
+    io_binding, include_copies, baseline, device_id = o.io_binding, o.include_copies, o.baseline, o.device_id
+    confidence, resamples = o.confidence, o.resamples
     items = list(models.items()) if isinstance(models, Mapping) else [("model", models)]
     if not items:
         raise ValueError("latency needs at least one model")

@@ -1,6 +1,6 @@
 """The configurations to measure: execution provider x optimization level x I/O mode.
 
-Provider names, availability and optimization levels are :mod:`bnfold.runtime`'s. The I/O modes:
+Provider names, availability and optimization levels are :mod:`bnfold.check.runtime`'s. The I/O modes:
 
 - ``bound``: inputs are OrtValues already on the provider's device and outputs are bound to that device
   with I/O binding, so the time is the model's and not the host<->device copies (on CPU there are none).
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bnfold.runtime import CUDA, TENSORRT, normalize_level, short_provider
+from bnfold.check.runtime import CUDA, TENSORRT, normalize_level, short_provider
 
 __all__ = ["MeasureConfig", "plan_configs"]
 

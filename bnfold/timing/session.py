@@ -1,6 +1,6 @@
 """Sessions and single runs for timing: the configuration's session, I/O binding, the provider probe.
 
-Models are opened with :func:`bnfold.runtime.open_model` ``in_memory``: every model is handed to
+Models are opened with :func:`bnfold.check.runtime.open_model` ``in_memory``: every model is handed to
 onnxruntime as bytes (a path is read first, its folder given for external data), so that no model's
 session creation time includes reading a file while the others' does not.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from bnfold.check.runtime import ModelHandle, SessionError, create_session
 from bnfold.errors import BadInputError
-from bnfold.runtime import ModelHandle, SessionError, create_session
 from bnfold.timing.providers import MeasureConfig, plan_configs
 
 __all__ = [
@@ -101,7 +101,7 @@ def make_runner(
 
 
 def probe_factory(first: ModelHandle, threads: int | None, device_id: int) -> Callable[[str], str | None]:
-    """A :data:`bnfold.runtime.ProviderProbe` that opens ``first`` on the provider (optimizations off)."""
+    """A :data:`bnfold.check.runtime.ProviderProbe` that opens ``first`` on the provider (optimizations off)."""
 
     def probe(provider: str) -> str | None:
         config = plan_configs([provider], ["disable_all"], device_id=device_id)[0]

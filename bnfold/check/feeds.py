@@ -1,0 +1,424 @@
+"""Inputs for verification, generated from a model's signature or supplied by the user.
+
+What each input gets, in order of precedence:
+
+1. A supplied array (``inputs=`` a dict or a ``.npz`` path): used as is for every seed. A supplied float
+   array is cast to the input's float dtype and an integer array to the input's integer dtype when the
+   values fit; anything else is refused.
+2. Otherwise a seeded random tensor, independent per (seed, input name), so adding an input never changes
+   the data the others get:
+
+   * floats: standard normal N(0, 1), or uniform ``[lo, hi)`` when ``input_ranges`` names the input.
+     Not uniform ``[0, 1)`` (onnxsim's choice): all-positive inputs make every channel's response
+     dominated by the sum of its weights, never exercise the negative side of ReLU/abs/sign, and let
+     per-channel scale and bias mistakes cancel. Zero-mean, unit-variance data is also what a network
+     with BatchNormalization expects to see after its first normalisation.
+   * integers: uniform in ``[0, 8)`` (small enough to be a valid index, axis or embedding id in most
+     models), or ``[lo, hi)`` from ``input_ranges``. Bound inputs that index something with it.
+   * bool: fair coin.
+
+Shapes: a fixed dim is kept. A dynamic dim (symbolic ``dim_param`` or unknown) is resolved from, in
+order: ``shapes[input_name]`` (a full shape), the shape of a supplied array, ``shapes[symbol]`` (one int
+for every input using that symbol), the value the same symbol already got in this model, and finally a
+default: 1 for the first dim (batch), 16 for any other (sequence length, height, width). The same symbol
+always gets the same value across inputs. Models whose Reshape targets or weights pin the real size will
+reject the defaults; the run error then names the input and suggests ``--shape``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from numpy.typing import ArrayLike
+from onnx import helper
+
+from bnfold.errors import BadInputError
+from bnfold.io.dtypes import is_float
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_DIM",
+    "DEFAULT_INT_RANGE",
+    "FeedPlan",
+    "InputInfo",
+    "InputSpec",
+    "load_npz",
+    "model_inputs",
+    "parse_range_option",
+    "parse_shape_option",
+    "plan_feeds",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 1
+"""Value of a dynamic first (batch) dim when nothing else fixes it."""
+DEFAULT_DIM = 16
+"""Value of any other dynamic dim when nothing else fixes it."""
+DEFAULT_INT_RANGE: tuple[int, int] = (0, 8)
+"""Half-open range of generated integer inputs unless ``input_ranges`` says otherwise."""
+
+Dim = int | str | None
+InputsArg = str | os.PathLike[str] | Mapping[str, ArrayLike] | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input as the model declares it."""
+
+    name: str
+    elem_type: int
+    dims: tuple[Dim, ...] | None
+    """None when the model gives no shape; per dim an int (fixed), a str (symbol) or None (unknown)."""
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    @property
+    def dtype_name(self) -> str:
+        """numpy's name: float32, bfloat16, int64, bool..."""
+        return str(self.dtype.name)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What one input was fed with, for the report."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str
+    """"supplied", "normal(0, 1)", "uniform[lo, hi)", "integers[lo, hi)" or "bool"."""
+    defaulted_dims: tuple[int, ...] = ()
+    """Indexes of the dims that got a default value (see the module docstring)."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "source": self.source,
+            "defaulted_dims": list(self.defaulted_dims),
+        }
+
+
+def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
+    """The inputs a caller must feed: main-graph inputs that are not initializers (IR < 4 lists both)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs: list[InputSpec] = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise BadInputError(
+                f"input {vi.name!r} is a {kind or 'untyped value'}; verification only feeds tensor inputs"
+            )
+        ttype = vi.type.tensor_type
+        dims: tuple[Dim, ...] | None = None
+        if ttype.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim)
+        specs.append(InputSpec(vi.name, ttype.elem_type, dims))
+    return tuple(specs)
+
+
+def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Arrays of a ``.npz`` file by name (no pickles)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise BadInputError(f"{path}: not an .npz archive (save inputs with numpy.savez)")
+            return {name: np.asarray(data[name]) for name in data.files}
+    except BadInputError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot read inputs from {path}: {exc}") from None
+
+
+def parse_shape_option(text: str, *, allow_bare: bool = False) -> tuple[str, tuple[int, ...]]:
+    """``"x=1,3,224,224"`` (or ``1x3x224x224``) -> ``("x", (1, 3, 224, 224))``.
+
+    ``"batch=4"`` -> ``("batch", (4,))`` names a symbolic dim. With ``allow_bare``, ``"1,3,224,224"`` ->
+    ``("", (1, 3, 224, 224))``: the shape of a model's only input. Raises ValueError with a one-line message.
+    """
+    name, sep, dims = text.rpartition("=")
+    if allow_bare and not sep:
+        name, sep = "", "="
+    elif not sep or not name:
+        raise ValueError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
+    if not dims.strip():
+        raise ValueError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
+    parts = [p.strip() for p in dims.replace("x", ",").split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"dims must be integers separated by commas, got {dims!r} in {text!r}") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"dims must be >= 0, got {dims!r} in {text!r}")
+    return name, values
+
+
+def parse_range_option(text: str) -> tuple[str, tuple[float, float]]:
+    """``"ids=0,30522"`` -> ``("ids", (0, 30522))``: the half-open range ``[lo, hi)`` of generated values."""
+    name, sep, rng = text.rpartition("=")
+    parts = rng.split(",")
+    if not sep or not name or len(parts) != 2:
+        raise ValueError(f"expected NAME=LO,HI such as ids=0,1000, got {text!r}")
+    try:
+        lo, hi = (int(p) if p.strip().lstrip("+-").isdigit() else float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"LO and HI must be numbers, got {rng!r} in {text!r}") from None
+    if not lo < hi:
+        raise ValueError(f"LO must be below HI, got {rng!r} in {text!r}")
+    return name, (lo, hi)
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """Everything needed to build the feeds for any seed; built once by :func:`plan_feeds`."""
+
+    specs: tuple[InputSpec, ...]
+    shapes: Mapping[str, tuple[int, ...]]
+    defaulted: Mapping[str, tuple[int, ...]]
+    ranges: Mapping[str, tuple[float, float]]
+    given: Mapping[str, np.ndarray]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def all_given(self) -> bool:
+        return all(s.name in self.given for s in self.specs)
+
+    def feeds(self, seed: int | None) -> dict[str, np.ndarray]:
+        """The feed dict for one seed (None only when every input was supplied)."""
+        out: dict[str, np.ndarray] = {}
+        for spec in self.specs:
+            if spec.name in self.given:
+                out[spec.name] = self.given[spec.name]
+                continue
+            if seed is None:
+                raise ValueError(f"input {spec.name!r} is generated and needs a seed")
+            out[spec.name] = self._generate(spec, seed)
+        return out
+
+    def _generate(self, spec: InputSpec, seed: int) -> np.ndarray:
+        rng = _rng(seed, spec.name)
+        shape = self.shapes[spec.name]
+        dtype = spec.dtype
+        if dtype == np.bool_:
+            return rng.random(shape) < 0.5
+        if is_float(dtype):
+            if spec.name in self.ranges:
+                lo, hi = self.ranges[spec.name]
+                return rng.uniform(lo, hi, shape).astype(dtype)
+            return rng.standard_normal(shape).astype(dtype)
+        lo, hi = self.ranges.get(spec.name, DEFAULT_INT_RANGE)
+        return rng.integers(int(lo), int(hi), size=shape, dtype=dtype)
+
+    def source(self, spec: InputSpec) -> str:
+        if spec.name in self.given:
+            return "supplied"
+        if spec.dtype == np.bool_:
+            return "bool"
+        if is_float(spec.dtype):
+            if spec.name in self.ranges:
+                lo, hi = self.ranges[spec.name]
+                return f"uniform[{lo:g}, {hi:g})"
+            return "normal(0, 1)"
+        lo, hi = self.ranges.get(spec.name, DEFAULT_INT_RANGE)
+        return f"integers[{int(lo)}, {int(hi)})"
+
+    def info(self) -> tuple[InputInfo, ...]:
+        return tuple(
+            InputInfo(s.name, s.dtype_name, self.shapes[s.name], self.source(s), self.defaulted.get(s.name, ()))
+            for s in self.specs
+        )
+
+    def describe(self) -> str:
+        """``x[1,3,16,16] float32 (dims 2,3 defaulted), ids[1,16] int64`` for error messages."""
+        parts = []
+        for s in self.specs:
+            text = f"{s.name}[{','.join(map(str, self.shapes[s.name]))}] {s.dtype_name}"
+            if self.defaulted.get(s.name):
+                text += f" (dims {','.join(map(str, self.defaulted[s.name]))} defaulted)"
+            parts.append(text)
+        return ", ".join(parts)
+
+
+def _supported(spec: InputSpec) -> None:
+    dtype = spec.dtype
+    if dtype.kind in "OSUc" or dtype.name in ("int4", "uint4", "int2", "uint2"):
+        raise BadInputError(
+            f"input {spec.name!r} has dtype {spec.dtype_name}, which cannot be generated; supply it with --inputs"
+        )
+
+
+def _coerce(spec: InputSpec, value: object, notes: list[str]) -> np.ndarray:
+    arr = np.asarray(value)
+    want = spec.dtype
+    if arr.dtype == want:
+        return arr
+    ok = (is_float(want) and (is_float(arr.dtype) or arr.dtype.kind in "iub")) or (
+        want.kind in "iu" and arr.dtype.kind in "iub"
+    )
+    if want.kind in "iu" and ok and arr.size:
+        info = np.iinfo(want)
+        ok = bool(arr.min() >= info.min and arr.max() <= info.max)
+    if not ok:
+        raise BadInputError(f"supplied input {spec.name!r} is {arr.dtype.name} but the model takes {spec.dtype_name}")
+    notes.append(f"supplied input {spec.name!r} cast from {arr.dtype.name} to {spec.dtype_name}")
+    return arr.astype(want)
+
+
+def _check_shape(spec: InputSpec, shape: tuple[int, ...], what: str) -> None:
+    if spec.dims is None:
+        return
+    if len(shape) != len(spec.dims):
+        raise BadInputError(
+            f"{what} for input {spec.name!r} has rank {len(shape)} but the model declares rank "
+            f"{len(spec.dims)} ({_fmt_dims(spec.dims)})"
+        )
+    for i, (have, want) in enumerate(zip(shape, spec.dims, strict=True)):
+        if isinstance(want, int) and have != want:
+            raise BadInputError(
+                f"{what} for input {spec.name!r} has {have} at dim {i} where the model fixes {want} "
+                f"({_fmt_dims(spec.dims)})"
+            )
+
+
+def _fmt_dims(dims: Sequence[Dim]) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def plan_feeds(
+    specs: Sequence[InputSpec],
+    *,
+    shapes: Mapping[str, Sequence[int] | int] | None = None,
+    inputs: InputsArg = None,
+    input_ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> FeedPlan:
+    """Validate the user's shapes, supplied inputs and ranges against ``specs`` and resolve every dim.
+
+    Raises BadInputError (one line, naming the input) on an unknown name, a rank or fixed-dim conflict,
+    a dtype that cannot be cast, or an input whose shape cannot be known.
+    """
+    names = [s.name for s in specs]
+    by_name = {s.name: s for s in specs}
+    symbols = {d for s in specs if s.dims for d in s.dims if isinstance(d, str)}
+    notes: list[str] = []
+    listing = ", ".join(names) or "none"
+
+    supplied: Mapping[str, object]
+    if inputs is None:
+        supplied = {}
+    elif isinstance(inputs, (str, os.PathLike)):
+        supplied = load_npz(inputs)
+    else:
+        supplied = inputs
+    unknown = [k for k in supplied if k not in by_name]
+    if unknown:
+        raise BadInputError(f"supplied inputs {unknown} are not inputs of the model (its inputs: {listing})")
+    given = {k: _coerce(by_name[k], v, notes) for k, v in supplied.items()}
+
+    input_shapes: dict[str, tuple[int, ...]] = {}
+    symbol_values: dict[str, int] = {}
+    shapes = dict(shapes or {})
+    if "" in shapes:  # a bare shape: the model's only input
+        if len(specs) != 1:
+            raise BadInputError(f"a --shape without NAME= needs a model with one input; this one has: {listing}")
+        shapes[specs[0].name] = shapes.pop("")
+    for key, value in shapes.items():
+        given_dims = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+        if key in by_name:
+            _check_shape(by_name[key], given_dims, "--shape")
+            input_shapes[key] = given_dims
+        elif key in symbols:
+            if len(given_dims) != 1:
+                raise BadInputError(f"--shape {key}=N names a symbolic dim and takes one integer, got {given_dims}")
+            symbol_values[key] = given_dims[0]
+        else:
+            sym = f"; symbolic dims: {', '.join(sorted(symbols))}" if symbols else ""
+            raise BadInputError(f"--shape names {key!r}, which is not an input of the model (inputs: {listing}{sym})")
+
+    for name, arr in given.items():
+        spec = by_name[name]
+        _check_shape(spec, arr.shape, "the supplied array")
+        if name in input_shapes and input_shapes[name] != arr.shape:
+            raise BadInputError(f"--shape {name} conflicts with the supplied array's shape {list(arr.shape)}")
+        input_shapes[name] = tuple(arr.shape)
+
+    # Bind symbols from shapes that are already known, so every input using a symbol agrees.
+    for name, shape in input_shapes.items():
+        dims_decl = by_name[name].dims or ()
+        for d, v in zip(dims_decl, shape, strict=False):
+            if isinstance(d, str):
+                symbol_values.setdefault(d, v)
+
+    for lo_hi_name, (lo, hi) in (input_ranges or {}).items():
+        if lo_hi_name not in by_name:
+            raise BadInputError(f"--input-range names {lo_hi_name!r}, which is not an input (inputs: {listing})")
+        spec = by_name[lo_hi_name]
+        if spec.dtype == np.bool_:
+            raise BadInputError(f"--input-range does not apply to bool input {lo_hi_name!r}")
+        if not lo < hi:
+            raise BadInputError(f"--input-range {lo_hi_name}: LO must be below HI, got {lo}, {hi}")
+        if spec.dtype.kind in "iu":
+            info = np.iinfo(spec.dtype)
+            if lo != int(lo) or hi != int(hi) or lo < info.min or hi - 1 > info.max:
+                raise BadInputError(
+                    f"--input-range {lo_hi_name}: [{lo}, {hi}) must be integers within {spec.dtype_name}"
+                )
+
+    resolved: dict[str, tuple[int, ...]] = {}
+    defaulted: dict[str, tuple[int, ...]] = {}
+    guessed_symbols: set[str] = set()
+    for spec in specs:
+        if spec.name in input_shapes:
+            resolved[spec.name] = input_shapes[spec.name]
+            continue
+        _supported(spec)
+        if spec.dims is None:
+            raise BadInputError(
+                f"input {spec.name!r} has no shape in the model; pass one with --shape {spec.name}=DIMS"
+            )
+        dims: list[int] = []
+        guessed: list[int] = []
+        for i, d in enumerate(spec.dims):
+            if isinstance(d, int):
+                dims.append(d)
+                continue
+            if isinstance(d, str) and d in symbol_values:
+                dims.append(symbol_values[d])
+                if d in guessed_symbols:
+                    guessed.append(i)
+                continue
+            value = DEFAULT_BATCH if i == 0 else DEFAULT_DIM
+            if isinstance(d, str):
+                symbol_values[d] = value
+                guessed_symbols.add(d)
+            dims.append(value)
+            guessed.append(i)
+        resolved[spec.name] = tuple(dims)
+        if guessed:
+            defaulted[spec.name] = tuple(guessed)
+    if defaulted:
+        logger.info("dynamic dims defaulted: %s", defaulted)
+    return FeedPlan(
+        specs=tuple(specs),
+        shapes=resolved,
+        defaulted=defaulted,
+        ranges=dict(input_ranges or {}),
+        given=given,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,140 @@
+"""The arithmetic of a fold: pure numpy, float64, no graph plumbing.
+
+An inference BatchNormalization is a per-channel affine map::
+
+    y = gamma * (x - mean) / sqrt(var + eps) + beta  =  scale * x + shift
+    scale = gamma / sqrt(var + eps)
+    shift = beta - mean * scale
+
+A linear producer ``x = W (*) a + b`` followed by ``y = scale * x + shift`` (per output channel ``c``)
+becomes ``y = (scale[c] * W[c]) (*) a + (scale[c] * b[c] + shift[c])``. Every function here works in
+float64 and the caller rounds each folded tensor exactly once with :func:`round_to`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from bnfold.io.dtypes import is_native_float
+
+__all__ = [
+    "Affine",
+    "RoundingError",
+    "bn_affine",
+    "compose",
+    "fold_bias",
+    "round_to",
+    "scale_axis",
+    "scale_grouped_axis1",
+]
+
+
+class RoundingError(ValueError):
+    """A folded tensor cannot be represented in the model's dtype (overflow or non-finite)."""
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``y = scale * x + shift`` per channel, float64, both of shape ``[C]``."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+
+def bn_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+) -> Affine:
+    """The inference BatchNormalization as ``scale * x + shift``, in float64.
+
+    Follows onnxruntime's evaluation order: ``(x - mean) / sqrt(var + eps) * gamma + beta``. The
+    ``eps`` attribute is a float32 in ONNX, so it is first rounded to float32 as the runtime does.
+    """
+    g, b, m, v = (np.asarray(t, dtype=np.float64).reshape(-1) for t in (gamma, beta, mean, var))
+    eps64 = float(np.float32(eps))
+    scale = g / np.sqrt(v + eps64)
+    return Affine(scale=scale, shift=b - m * scale)
+
+
+def compose(first: Affine, then: Affine) -> Affine:
+    """``then(first(x))`` as one affine map."""
+    return Affine(scale=first.scale * then.scale, shift=first.shift * then.scale + then.shift)
+
+
+def scale_axis(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """``weight`` (float64) multiplied by ``scale`` broadcast along ``axis``."""
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    if is_native_float(weight.dtype):  # one pass, no float64 copy of the weight first (same values)
+        return np.multiply(weight, scale.reshape(shape), dtype=np.float64)
+    return np.asarray(weight, dtype=np.float64) * scale.reshape(shape)
+
+
+def scale_grouped_axis1(weight: np.ndarray, scale: np.ndarray, groups: int) -> np.ndarray:
+    """ConvTranspose weight ``[C_in, C_out/g, k...]``: output channel ``g*(C_out/g) + j`` is column ``j`` of
+    the rows of group ``g``. Returns ``weight * scale`` on that layout, float64."""
+    w = np.asarray(weight, dtype=np.float64)
+    c_in, per_group = w.shape[0], w.shape[1]
+    rest = w.shape[2:]
+    w = w.reshape((groups, c_in // groups, per_group, *rest))
+    s = scale.reshape((groups, 1, per_group) + (1,) * len(rest))
+    return (w * s).reshape((c_in, per_group, *rest))
+
+
+def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:
+    """``scale * bias + shift`` (a missing bias is zero), float64 ``[C]``."""
+    if bias is None:
+        return affine.shift.copy()
+    return np.asarray(bias, dtype=np.float64).reshape(-1) * affine.scale + affine.shift
+
+
+def _to_bfloat16(v64: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """float64 -> bfloat16 with a single round-to-nearest-even.
+
+    A plain cast rounds through float32 first (double rounding). Rounding to float32 *to odd* first
+    (truncate, then set the last bit when inexact) keeps the final rounding exact.
+    """
+    v32 = v64.astype(np.float32)
+    too_far = np.abs(v32.astype(np.float64)) > np.abs(v64)
+    v32 = np.where(too_far, np.nextafter(v32, np.float32(0)), v32)
+    inexact = v32.astype(np.float64) != v64
+    bits = v32.view(np.uint32) | inexact.astype(np.uint32)
+    return bits.view(np.float32).astype(dt)
+
+
+def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Round float64 ``values`` once to ``dtype``; refuse if that overflows or is not finite.
+
+    ``what`` names the tensor in the error message.
+    """
+    v64 = np.asarray(values, dtype=np.float64)
+    dt = np.dtype(dtype)
+    if is_native_float(dt):  # fast path: a non-finite input stays non-finite, so checking the
+        with np.errstate(over="ignore", invalid="ignore"):  # rounded result decides; explained below
+            out = v64.astype(dt)
+        if np.isfinite(out).all():
+            return out
+    if not np.all(np.isfinite(v64)):
+        bad = int(np.size(v64) - np.count_nonzero(np.isfinite(v64)))
+        raise RoundingError(f"folded {what} has {bad} non-finite value(s) (NaN or inf)")
+    dt = np.dtype(dtype)
+    if dt == np.float64:
+        return v64.copy()
+    if dt.name == "bfloat16":
+        out = _to_bfloat16(v64, dt)
+    elif np.issubdtype(dt, np.floating):
+        with np.errstate(over="ignore"):
+            out = v64.astype(dt)
+    else:
+        raise RoundingError(f"folded {what}: dtype {dt.name} is not a floating-point type")
+    if not np.all(np.isfinite(out.astype(np.float64))):
+        limit = float(ml_dtypes.finfo(dt).max)
+        peak = float(np.max(np.abs(v64)))
+        raise RoundingError(f"folded {what} overflows {dt.name} (largest magnitude {peak:.6g} > {limit:.6g})")
+    return out
