@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 import bnfold
 from bnfold.folding.math import bn_affine
-from bnfold.folding.rules.bn_conv import fold_into_input
+from bnfold.folding.math import fold_into_conv_input as fold_into_input
 
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 

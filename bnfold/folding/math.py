@@ -1,4 +1,5 @@
-"""The arithmetic of a fold: pure numpy, float64, no graph plumbing.
+"""Every formula of every fold: pure numpy, float64, no graph plumbing (the ONNX rules and the torch stage
+both call these; nothing else computes a folded value).
 
 An inference BatchNormalization is a per-channel affine map::
 
@@ -23,9 +24,12 @@ from bnfold.io.dtypes import is_native_float
 __all__ = [
     "Affine",
     "RoundingError",
+    "WeightLayout",
     "bn_affine",
     "compose",
     "fold_bias",
+    "fold_into_conv_input",
+    "op_affine",
     "round_to",
     "scale_axis",
     "scale_grouped_axis1",
@@ -49,15 +53,16 @@ class Affine:
 
 
 def bn_affine(
-    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float, *, eps_float32: bool = True
 ) -> Affine:
     """The inference BatchNormalization as ``scale * x + shift``, in float64.
 
     Follows onnxruntime's evaluation order: ``(x - mean) / sqrt(var + eps) * gamma + beta``. The
-    ``eps`` attribute is a float32 in ONNX, so it is first rounded to float32 as the runtime does.
+    ``eps`` attribute is a float32 in ONNX, so it is first rounded to float32 as the runtime does
+    (``eps_float32``); torch adds a float64 ``eps`` to float64 statistics as it is.
     """
     g, b, m, v = (np.asarray(t, dtype=np.float64).reshape(-1) for t in (gamma, beta, mean, var))
-    eps64 = float(np.float32(eps))
+    eps64 = float(np.float32(eps)) if eps_float32 else float(eps)
     scale = g / np.sqrt(v + eps64)
     return Affine(scale=scale, shift=b - m * scale)
 
@@ -87,11 +92,86 @@ def scale_grouped_axis1(weight: np.ndarray, scale: np.ndarray, groups: int) -> n
     return (w * s).reshape((c_in, per_group, *rest))
 
 
-def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:
-    """``scale * bias + shift`` (a missing bias is zero), float64 ``[C]``."""
+def fold_bias(bias: np.ndarray | None, affine: Affine, *, beta: float = 1.0, flat: bool = True) -> np.ndarray:
+    """``scale * (beta * bias) + shift`` per channel, float64 (a missing bias is zero: the shift).
+
+    ``flat``: the bias holds one value per channel (Conv's ``B``), returned as ``[C]``; otherwise it
+    broadcasts against the channels on its last axis (a Gemm's ``C`` of shape ``[N]``, ``[1, N]``,
+    ``[M, 1]``, ``[M, N]``; a MatMul's bias Add) and the result has the broadcast shape.
+    """
     if bias is None:
         return affine.shift.copy()
-    return np.asarray(bias, dtype=np.float64).reshape(-1) * affine.scale + affine.shift
+    b64 = np.asarray(bias, dtype=np.float64)
+    if flat:
+        b64 = b64.reshape(-1)
+    if beta != 1.0:
+        b64 = beta * b64
+    return b64 * affine.scale + affine.shift
+
+
+def fold_into_conv_input(
+    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``Conv(scale * x + shift, W, B)`` as ``Conv(x, W', B')`` for a Conv that pads nothing: float64 ``(W', B')``.
+
+    ``weight`` is ``[M, C/groups, k...]``; ``affine`` has ``C`` channels. Input channel
+    ``c = g * (C/groups) + j`` feeds the output channels of group ``g``: ``W'[m, j] = W[m, j] * scale[c]``,
+    ``B'[m] = B[m] + sum over j, k of W[m, j, k] * shift[c]``.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    m, per_group = w.shape[0], w.shape[1]
+    spatial = (1,) * (w.ndim - 2)
+    group_of_row = np.arange(m) // (m // groups)
+    scale = affine.scale.reshape(groups, per_group)[group_of_row]  # [M, C/groups]
+    shift = affine.shift.reshape(groups, per_group)[group_of_row]
+    w_new = w * scale.reshape(m, per_group, *spatial)
+    b_new = np.sum(w * shift.reshape(m, per_group, *spatial), axis=tuple(range(1, w.ndim)))
+    if bias is not None:
+        b_new = b_new + np.asarray(bias, dtype=np.float64).reshape(-1)
+    return w_new, b_new
+
+
+def op_affine(op: str, values: np.ndarray, const_first: bool = False) -> Affine | None:
+    """``op(x, c)`` (or ``op(c, x)`` with ``const_first``) as ``scale * x + shift`` with ``c = values``
+    (float64, per channel): Mul ``(c, 0)``, Add ``(1, c)``, ``x - c`` ``(1, -c)``, ``c - x`` ``(-1, c)``,
+    ``x / c`` ``(1/c, 0)``. None for ``x / c`` when ``c`` holds a zero. (``c / x`` is not affine in ``x``:
+    a ValueError, like any other op.)"""
+    ones, zeros = np.ones_like(values), np.zeros_like(values)
+    if op == "Mul":
+        return Affine(values, zeros)
+    if op == "Add":
+        return Affine(ones, values)
+    if op == "Sub":
+        return Affine(-ones, values) if const_first else Affine(ones, -values)
+    if op != "Div" or const_first:
+        raise ValueError(f"{op} with the constant {'first' if const_first else 'second'} is not affine in x")
+    if np.any(values == 0):
+        return None
+    return Affine(1.0 / values, zeros)
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where a linear op's output channels lie in its weight: each producer declares this once
+    (:mod:`bnfold.folding.producers` for ONNX ops, :mod:`bnfold.torch.producers` for torch ops).
+
+    ``axis`` is the output-channel axis (negative: from the end); ``groups > 1`` splits that axis per group
+    (ConvTranspose's ``[C_in, C_out/g, k...]``: output channel ``g * C_out/g + j`` is column ``j`` of the
+    rows of group ``g``).
+    """
+
+    axis: int
+    groups: int = 1
+
+    def channels(self, shape: tuple[int, ...]) -> int:
+        """Output channels of a weight of ``shape``."""
+        return int(shape[self.axis]) * (self.groups if self.groups > 1 else 1)
+
+    def scale(self, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """``weight`` with output channel ``c`` multiplied by ``scale[c]``, float64."""
+        if self.groups > 1:
+            return scale_grouped_axis1(weight, scale, self.groups)
+        return scale_axis(weight, scale, self.axis % weight.ndim)
 
 
 def _to_bfloat16(v64: np.ndarray, dt: np.dtype) -> np.ndarray:

@@ -12,12 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+import onnx
+
+from bnfold.folding.math import WeightLayout
 from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.shapes import const_dims, rank_of
 from bnfold.ir.view import GraphView
 
-__all__ = ["Producer", "delegate", "linear_producer"]
+__all__ = ["Producer", "delegate", "linear_producer", "weight_layout"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,22 @@ class Producer:
         return view.describe(self.node)
 
 
+def weight_layout(node: onnx.NodeProto) -> WeightLayout:
+    """Where the output channels of ``node``'s weight (input 1) lie, declared once per op: Conv
+    ``[M, C/g, k...]`` axis 0; ConvTranspose ``[C, M/g, k...]`` axis 1 per group; Gemm ``B`` ``[K, N]`` axis 1
+    (``[N, K]`` axis 0 with ``transB``); MatMul ``[..., K, N]`` its last axis."""
+    op = node.op_type
+    if op == "Conv":
+        return WeightLayout(0)
+    if op == "ConvTranspose":
+        return WeightLayout(1, groups=int(attr(node, "group", 1)))
+    if op == "Gemm":
+        return WeightLayout(0 if attr(node, "transB", 0) else 1)
+    if op == "MatMul":
+        return WeightLayout(-1)
+    raise ValueError(f"{op} is not a linear producer")
+
+
 def _matmul(view: GraphView, idx: int) -> tuple[int, ...] | None:
     """The constant weight dims of the MatMul at ``idx`` (rank >= 2), else None."""
     node = view.node(idx)
@@ -70,15 +89,12 @@ def linear_producer(view: GraphView, name: str) -> Producer | None:
         dims = const_dims(view, node.input[1]) if len(node.input) > 1 else None
         if dims is None or len(dims) < 3:
             return None
-        group = int(attr(node, "group", 1))
-        channels = dims[0] if node.op_type == "Conv" else dims[1] * group
-        return Producer(idx, node.op_type, name, channels, len(dims), 1)
+        return Producer(idx, node.op_type, name, weight_layout(node).channels(dims), len(dims), 1)
     if is_op(node, "Gemm"):
         dims = const_dims(view, node.input[1]) if len(node.input) > 1 else None
         if dims is None or len(dims) != 2:
             return None
-        channels = dims[0] if attr(node, "transB", 0) else dims[1]
-        return Producer(idx, "Gemm", name, channels, 2, 1)
+        return Producer(idx, "Gemm", name, weight_layout(node).channels(dims), 2, 1)
     dims = _matmul(view, idx)
     if dims is not None:
         return Producer(idx, "MatMul", name, dims[-1], rank_of(view, name), -1, bare_matmul=True)

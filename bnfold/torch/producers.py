@@ -26,11 +26,10 @@ import numpy as np
 from bnfold.folding.math import (
     Affine,
     RoundingError,
+    WeightLayout,
     bn_affine,
     fold_bias,
     round_to,
-    scale_axis,
-    scale_grouped_axis1,
 )
 from bnfold.folding.result import FoldedPair, Skip
 from bnfold.torch.ir import const, describe, floating
@@ -38,7 +37,7 @@ from bnfold.torch.ir import const, describe, floating
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PRODUCERS", "BnStats", "Plan", "ProducerOp", "plan_fold"]
+__all__ = ["LAYOUTS", "PRODUCERS", "BnStats", "Plan", "ProducerOp", "plan_fold"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,15 @@ PRODUCERS: dict[str, ProducerOp] = {
     "aten::linear": ProducerOp("linear"),
 }
 """Weight is input 1 and bias (possibly None) input 2 for every one of them."""
+
+
+LAYOUTS: dict[str, Callable[[int], WeightLayout]] = {
+    "conv": lambda groups: WeightLayout(0),
+    "conv_transpose": lambda groups: WeightLayout(1, groups=groups),
+    "linear": lambda groups: WeightLayout(0),
+}
+"""Where each rule's weight has its output channels (``[C_out, C_in/g, k...]``, ``[C_in, C_out/g, k...]``,
+``[out, in]``): the layouts the fold math scales (:class:`bnfold.folding.math.WeightLayout`)."""
 
 
 @dataclass(frozen=True)
@@ -103,17 +111,14 @@ def _from64(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
 
 def _affine(stats: BnStats) -> Affine:
     """BN as scale/shift in float64. torch adds eps in the statistics' compute type: float32 unless the
-    statistics are float64 (where bn_affine's float32 rounding of eps would be wrong)."""
+    statistics are float64."""
     import torch
 
     c = stats.mean.numel()
     g = _to64(stats.gamma) if stats.gamma is not None else np.ones(c)
     b = _to64(stats.beta) if stats.beta is not None else np.zeros(c)
-    m, v = _to64(stats.mean), _to64(stats.var)
-    if stats.mean.dtype == torch.float64:
-        scale = g / np.sqrt(v + stats.eps)
-        return Affine(scale=scale, shift=b - m * scale)
-    return bn_affine(g, b, m, v, stats.eps)
+    return bn_affine(g, b, _to64(stats.mean), _to64(stats.var), stats.eps,
+                     eps_float32=stats.mean.dtype != torch.float64)
 
 
 def plan_fold(
@@ -166,10 +171,7 @@ def plan_fold(
 
     affine = _affine(stats)
     w64 = _to64(weight)
-    if rule == "conv_transpose":
-        new_w = scale_grouped_axis1(w64, affine.scale, groups)
-    else:
-        new_w = scale_axis(w64, affine.scale, 0)
+    new_w = LAYOUTS[rule](groups).scale(w64, affine.scale)
     new_b = fold_bias(_to64(bias) if bias is not None else None, affine)
     try:
         w_t = _from64(new_w, weight, f"weight of {pdesc}")

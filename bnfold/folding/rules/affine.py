@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnfold.folding.math import Affine, compose
+from bnfold.folding.math import Affine, compose, op_affine
 from bnfold.folding.producers import Producer, delegate, linear_producer
 from bnfold.folding.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip
 from bnfold.folding.rules.layout import walk_back
@@ -151,17 +151,10 @@ def _axis_values(ctx: FoldContext, step: _Step, target: _Target) -> tuple[int | 
 
 
 def _affine(step: _Step, values: np.ndarray) -> Affine | str:
-    ones = np.ones_like(values)
-    zeros = np.zeros_like(values)
-    if step.op == "Mul":
-        return Affine(values, zeros)
-    if step.op == "Add":
-        return Affine(ones, values)
-    if step.op == "Sub":
-        return Affine(-ones, values) if step.const_first else Affine(ones, -values)
-    if np.any(values == 0):
+    found = op_affine(step.op, values, step.const_first)
+    if found is None:
         return f"Div (output '{step.x}') divides by constant '{step.const}', which contains a zero"
-    return Affine(1.0 / values, zeros)
+    return found
 
 
 def norm_source(ctx: FoldContext, idx: int) -> Norm | Skip | None:

@@ -28,35 +28,15 @@ import dataclasses
 import numpy as np
 import onnx
 
-from bnfold.folding.math import Affine, RoundingError
+from bnfold.folding.math import RoundingError, fold_into_conv_input
 from bnfold.folding.producers import linear_producer
 from bnfold.folding.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip, copy_node, new_tensor, rounding_skip
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.shapes import shape_of
 
-__all__ = ["NAME", "fold_into_input", "match"]
+__all__ = ["NAME", "match"]
 
 NAME = "bn_conv"
-
-
-def fold_into_input(
-    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, groups: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``Conv(scale * x + shift, W, B)`` as ``Conv(x, W', B')`` without padding: float64 ``(W', B')``.
-
-    ``weight`` is ``[M, C/groups, k...]``; ``affine`` has ``C`` channels.
-    """
-    w = np.asarray(weight, dtype=np.float64)
-    m, per_group = w.shape[0], w.shape[1]
-    spatial = (1,) * (w.ndim - 2)
-    group_of_row = np.arange(m) // (m // groups)
-    scale = affine.scale.reshape(groups, per_group)[group_of_row]  # [M, C/groups]
-    shift = affine.shift.reshape(groups, per_group)[group_of_row]
-    w_new = w * scale.reshape(m, per_group, *spatial)
-    b_new = np.sum(w * shift.reshape(m, per_group, *spatial), axis=tuple(range(1, w.ndim)))
-    if bias is not None:
-        b_new = b_new + np.asarray(bias, dtype=np.float64).reshape(-1)
-    return w_new, b_new
 
 
 def _padding(ctx: FoldContext, conv: int, kernel: list[int], x_name: str) -> str | None:
@@ -165,7 +145,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
             )
         key = (w_name, b_name, groups)
         if key not in done:
-            w64, b64 = fold_into_input(weight, bias, norm.affine, groups)
+            w64, b64 = fold_into_conv_input(weight, bias, norm.affine, groups)
             try:
                 w_new = new_tensor(ctx, w64, weight.dtype, f"{w_name}_bnfold", f"weight of {desc}")
                 b_new = new_tensor(ctx, b64, weight.dtype, f"{b_name or node.output[0]}_bnfold_bias",

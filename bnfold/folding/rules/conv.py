@@ -19,9 +19,7 @@ Formula:  ``W'[m] = W[m] * scale[m]``, ``B'[m] = B[m] * scale[m] + shift[m]`` (`
 
 from __future__ import annotations
 
-import numpy as np
-
-from bnfold.folding.math import Affine, scale_axis
+from bnfold.folding.producers import weight_layout
 from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip
 from bnfold.folding.rules.linear import fold_weight_bias
 from bnfold.ir.nodes import is_op
@@ -31,14 +29,8 @@ __all__ = ["NAME", "match"]
 NAME = "conv"
 
 
-def _scale(weight: np.ndarray, affine: Affine) -> np.ndarray:
-    return scale_axis(weight, affine.scale, 0)
-
-
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     producer = ctx.view.producer_of(norm.input)
     if producer is None or not is_op(ctx.view.node(producer), "Conv"):
         return None
-    return fold_weight_bias(
-        ctx, NAME, producer, norm, out_channels=lambda shape: shape[0], scale_weight=_scale
-    )
+    return fold_weight_bias(ctx, NAME, producer, norm, weight_layout(ctx.view.node(producer)))

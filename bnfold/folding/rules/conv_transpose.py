@@ -25,7 +25,7 @@ Formula:  the weight is ``[C_in, C_out/group, k...]``; output channel ``m = g * 
 
 from __future__ import annotations
 
-from bnfold.folding.math import scale_grouped_axis1
+from bnfold.folding.producers import weight_layout
 from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip
 from bnfold.folding.rules.linear import fold_weight_bias
 from bnfold.ir.nodes import attr, is_op
@@ -52,8 +52,4 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                 f"weight '{node.input[1]}' of {view.describe(producer)} has {weight.shape[0]} input "
                 f"channels, not a multiple of group={group}",
             )
-    return fold_weight_bias(
-        ctx, NAME, producer, norm,
-        out_channels=lambda shape: shape[1] * group,
-        scale_weight=lambda weight, affine: scale_grouped_axis1(weight, affine.scale, group),
-    )
+    return fold_weight_bias(ctx, NAME, producer, norm, weight_layout(node))

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.math import RoundingError, scale_axis
+from bnfold.folding.math import RoundingError, fold_bias
+from bnfold.folding.producers import weight_layout
 from bnfold.folding.rules.base import (
     Fold,
     FoldContext,
@@ -81,8 +82,8 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     c_name = node.input[2] if c is not None else None
     if b.ndim != 2:
         return skip(f"B '{b_name}' of {desc} has rank {b.ndim}, not 2")
-    trans_b = int(attr(node, "transB", 0))
-    n = int(b.shape[0] if trans_b else b.shape[1])
+    layout = weight_layout(node)
+    n = layout.channels(b.shape)
     if n != norm.affine.channels:
         return skip(f"{desc} has {n} output columns but the normalization has {norm.affine.channels} channels")
     c_shape: tuple[int, ...] = (n,)
@@ -93,15 +94,14 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
             return skip(f"C '{c_name}' of {desc} contains NaN or inf")
         c_shape = tuple(int(d) for d in np.broadcast_shapes(c.shape, (n,)))
     beta = float(attr(node, "beta", 1.0))
-    scale, shift = norm.affine.scale, norm.affine.shift
-    c64 = shift if c is None else beta * np.asarray(c, dtype=np.float64) * scale + shift
+    c64 = fold_bias(c, norm.affine, beta=beta, flat=False)
     if conflict is not None:  # decided before computing (or, for a large model, spilling) any tensor
         c_bytes = int(np.prod(c_shape)) * (b if c is None else c).itemsize
         refusal = clone_refusal(ctx, norm, conflict, b.nbytes + c_bytes)
         if refusal is not None:
             return refusal
     try:
-        b_new = new_tensor(ctx, scale_axis(b, scale, 0 if trans_b else 1), b.dtype, f"{b_name}_bnfold",
+        b_new = new_tensor(ctx, layout.scale(b, norm.affine.scale), b.dtype, f"{b_name}_bnfold",
                            f"B of {desc}")
         c_new = new_tensor(ctx, np.broadcast_to(c64, c_shape), b.dtype if c is None else c.dtype,
                            f"{c_name or node.output[0]}_bnfold_bias", f"C of {desc}")

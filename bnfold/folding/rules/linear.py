@@ -3,7 +3,7 @@
 Conv, ConvTranspose (and any op whose output channel ``c`` is ``W``-slice ``c`` plus ``B[c]``) fold the
 same way: check the producer owns its output, read ``W`` and ``B`` as constants, scale ``W`` on the
 output-channel layout, fold the bias, round once, and rebuild the node writing the normalization's
-output. Only the weight layout differs, so each rule passes ``scale_weight`` and ``out_channels``.
+output. Only the weight layout differs: each rule passes its producer's :class:`WeightLayout`.
 
 A producer whose output also feeds another node, or is a graph output, is cloned when
 ``options.clone`` allows and the folded tensors fit in ``options.max_clone_bytes``: the clone (inserted
@@ -13,11 +13,7 @@ original is untouched and keeps its other users. Otherwise the fold is refused w
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
-
-from bnfold.folding.math import Affine, RoundingError, fold_bias
+from bnfold.folding.math import RoundingError, WeightLayout, fold_bias
 from bnfold.folding.rules.base import (
     Fold,
     FoldContext,
@@ -41,9 +37,7 @@ def fold_weight_bias(
     rule: str,
     producer: int,
     norm: Norm,
-    *,
-    out_channels: Callable[[tuple[int, ...]], int],
-    scale_weight: Callable[[np.ndarray, Affine], np.ndarray],
+    layout: WeightLayout,
 ) -> Fold | Skip:
     view = ctx.view
     node = view.node(producer)
@@ -66,7 +60,7 @@ def fold_weight_bias(
     b_name = node.input[2] if bias is not None else None
     if weight.ndim < 2:
         return ctx.skip(norm.output, norm.op_type, f"weight '{w_name}' of {desc} has rank {weight.ndim}")
-    channels = out_channels(weight.shape)
+    channels = layout.channels(weight.shape)
     if channels != norm.affine.channels:
         return ctx.skip(
             norm.output, norm.op_type,
@@ -80,7 +74,7 @@ def fold_weight_bias(
         if refusal is not None:
             return refusal
     try:
-        w_new = new_tensor(ctx, scale_weight(weight, norm.affine), weight.dtype, f"{w_name}_bnfold",
+        w_new = new_tensor(ctx, layout.scale(weight, norm.affine.scale), weight.dtype, f"{w_name}_bnfold",
                            f"weight of {desc}")
         b_new = new_tensor(ctx, fold_bias(bias, norm.affine), weight.dtype,
                            f"{b_name or node.output[0]}_bnfold_bias", f"bias of {desc}")

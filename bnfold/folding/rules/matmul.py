@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
-from bnfold.folding.math import RoundingError, scale_axis
+from bnfold.folding.math import RoundingError, WeightLayout, fold_bias
 from bnfold.folding.rules.base import (
     Fold,
     FoldContext,
@@ -172,16 +172,15 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                 f"columns of {desc} are its last axis ({y_rank - 1})"
             )
 
-    scale, shift = norm.affine.scale, norm.affine.shift
-    with_bias = add is not None or bool(np.any(shift))
-    bias64 = shift if bias is None else np.asarray(bias, dtype=np.float64) * scale + shift
+    with_bias = add is not None or bool(np.any(norm.affine.shift))
+    bias64 = fold_bias(bias, norm.affine, flat=False)
     if conflict is not None:  # decided before computing (or, for a large model, spilling) any tensor
         bias_bytes = bias64.size * (b if bias is None else bias).itemsize if with_bias else 0
         refusal = clone_refusal(ctx, norm, conflict, b.nbytes + bias_bytes)
         if refusal is not None:
             return refusal
     try:
-        b_new = new_tensor(ctx, scale_axis(b, scale, b.ndim - 1), b.dtype, f"{b_name}_bnfold",
+        b_new = new_tensor(ctx, WeightLayout(-1).scale(b, norm.affine.scale), b.dtype, f"{b_name}_bnfold",
                            f"weight of {desc}")
         tensors = [b_new]
         if with_bias:
