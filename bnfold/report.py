@@ -36,7 +36,7 @@ from rich.text import Text
 from bnfold.environment import Environment
 from bnfold.folding.result import FoldedPair, Skip
 
-__all__ = ["SCHEMA", "FoldAccount", "fold_report", "render_fold", "render_rules", "write_json"]
+__all__ = ["SCHEMA", "FoldAccount", "doc_text", "fold_report", "render_fold", "render_rules", "write_json"]
 
 SCHEMA = "bnfold.report/1"
 
@@ -163,14 +163,22 @@ def render_rules(full: bool = False) -> list[RenderableType]:
     from bnfold.folding.rules import rule_infos
 
     if full:
-        return [part for info in rule_infos() for part in (Rule(info.name), Text(info.doc))]
+        return [part for info in rule_infos() for part in (Rule(info.name), doc_text(info.doc))]
     table = Table(title="bnfold rules (tried in this order)", header_style="bold")
-    table.add_column("rule")
+    table.add_column("rule", no_wrap=True)
     table.add_column("summary")
     table.add_column("refuses when")
     for info in rule_infos():
-        table.add_row(info.name, info.summary, _conditions(info.doc))
+        table.add_row(info.name, doc_text(info.summary), doc_text(_conditions(info.doc)))
     return [table]
+
+
+def doc_text(doc: str) -> Text:
+    """A rule header as terminal text: its reStructuredText literals (````W'````) shown as code, no backticks."""
+    text = Text()
+    for i, part in enumerate(doc.split("``")):
+        text.append(part, style="cyan" if i % 2 else "")
+    return text
 
 
 def _conditions(doc: str) -> str:
