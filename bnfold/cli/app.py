@@ -13,10 +13,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
 
 from bnfold._version import __version__
 from bnfold.cli.options import (
@@ -30,6 +29,9 @@ from bnfold.cli.options import (
     verify_options,
 )
 from bnfold.errors import BnfoldError, ExitCode, OptionError, first_line
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["cli", "main"]
 
@@ -46,6 +48,8 @@ class _DefaultGroup(click.Group):
 
 
 def _console(stderr: bool = False) -> Console:
+    from rich.console import Console  # imported where something is printed: --version needs none
+
     console = Console(stderr=stderr, highlight=False, soft_wrap=False)
     console.on_broken_pipe = _quiet_broken_pipe  # type: ignore[method-assign]  # `bnfold rules | head`
     return console

@@ -24,6 +24,7 @@ from bnfold.folding.options import FoldOptions
 from bnfold.folding.result import Skip
 from bnfold.io.dtypes import is_float, np_dtype
 from bnfold.ir.names import NameAllocator
+from bnfold.ir.nodes import is_op
 from bnfold.ir.view import GraphView
 
 __all__ = [
@@ -37,9 +38,11 @@ __all__ = [
     "clone_refusal",
     "constant_or_skip",
     "copy_node",
+    "float_constant",
     "new_tensor",
     "non_float_skip",
     "producer_fold",
+    "producer_index",
     "rounding_skip",
     "sole_consumer_skip",
     "unique_node_name",
@@ -143,17 +146,29 @@ def weight_and_bias(
     w_role, b_role = roles
     if len(node.input) < 2 or not node.input[1]:
         return ctx.skip(norm.output, norm.op_type, f"{desc} has no {w_role} input")
-    w_name = node.input[1]
-    not_float = non_float_skip(ctx, norm, w_name, f"{w_role} '{w_name}' of {desc}")
-    if not_float is not None:
-        return not_float
-    weight = constant_or_skip(ctx, w_name, f"{w_role} of {desc}", norm)
+    weight = float_constant(ctx, norm, node.input[1], w_role, desc)
     if isinstance(weight, Skip):
         return weight
     if len(node.input) < 3 or not node.input[2]:
         return weight, None
     bias = constant_or_skip(ctx, node.input[2], f"{b_role} of {desc}", norm)
     return bias if isinstance(bias, Skip) else (weight, bias)
+
+
+def float_constant(ctx: FoldContext, norm: Norm, name: str, role: str, owner: str) -> np.ndarray | Skip:
+    """Constant ``name``, input ``role`` ("weight", "B") of node ``owner``, as a floating-point array; or the
+    Skip saying that its element type is not a float, or that it is not a constant (and why)."""
+    not_float = non_float_skip(ctx, norm, name, f"{role} '{name}' of {owner}")
+    if not_float is not None:
+        return not_float
+    return constant_or_skip(ctx, name, f"{role} of {owner}", norm)
+
+
+def producer_index(ctx: FoldContext, name: str, op: str) -> int | None:
+    """The index of the default-domain ``op`` node writing tensor ``name``; None when another node (or
+    none) writes it: the pattern is then not this rule's."""
+    producer = ctx.view.producer_of(name)
+    return producer if producer is not None and is_op(ctx.view.node(producer), op) else None
 
 
 def sole_consumer_skip(ctx: FoldContext, producer: int, norm: Norm) -> Skip | None:

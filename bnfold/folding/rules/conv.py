@@ -20,9 +20,8 @@ Formula:  ``W'[m] = W[m] * scale[m]``, ``B'[m] = B[m] * scale[m] + shift[m]`` (`
 from __future__ import annotations
 
 from bnfold.folding.producers import weight_layout
-from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip
+from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip, producer_index
 from bnfold.folding.rules.linear import fold_weight_bias
-from bnfold.ir.nodes import is_op
 
 __all__ = ["NAME", "match"]
 
@@ -30,7 +29,7 @@ NAME = "conv"
 
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
-    producer = ctx.view.producer_of(norm.input)
-    if producer is None or not is_op(ctx.view.node(producer), "Conv"):
+    producer = producer_index(ctx, norm.input, "Conv")
+    if producer is None:
         return None
     return fold_weight_bias(ctx, NAME, producer, norm, weight_layout(ctx.view.node(producer)))

@@ -26,9 +26,9 @@ Formula:  the weight is ``[C_in, C_out/group, k...]``; output channel ``m = g * 
 from __future__ import annotations
 
 from bnfold.folding.producers import weight_layout
-from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip
+from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip, producer_index
 from bnfold.folding.rules.linear import fold_weight_bias
-from bnfold.ir.nodes import attr, is_op
+from bnfold.ir.nodes import attr
 
 __all__ = ["NAME", "match"]
 
@@ -37,8 +37,8 @@ NAME = "conv_transpose"
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     view = ctx.view
-    producer = view.producer_of(norm.input)
-    if producer is None or not is_op(view.node(producer), "ConvTranspose"):
+    producer = producer_index(ctx, norm.input, "ConvTranspose")
+    if producer is None:
         return None
     node = view.node(producer)
     group = int(attr(node, "group", 1))

@@ -43,12 +43,13 @@ from bnfold.folding.rules.base import (
     copy_node,
     new_tensor,
     producer_fold,
+    producer_index,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
     weight_and_bias,
 )
-from bnfold.ir.nodes import attr, is_op
+from bnfold.ir.nodes import attr
 
 __all__ = ["NAME", "match"]
 
@@ -57,8 +58,8 @@ NAME = "gemm"
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     view = ctx.view
-    producer = view.producer_of(norm.input)
-    if producer is None or not is_op(view.node(producer), "Gemm"):
+    producer = producer_index(ctx, norm.input, "Gemm")
+    if producer is None:
         return None
     node = view.node(producer)
     desc = view.describe(producer)

@@ -51,8 +51,8 @@ from bnfold.folding.rules.base import (
     clone_refusal,
     constant_or_skip,
     copy_node,
+    float_constant,
     new_tensor,
-    non_float_skip,
     rounding_skip,
     sole_consumer_skip,
     unique_node_name,
@@ -139,10 +139,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         bias = got
 
     b_name = node.input[1]
-    not_float = non_float_skip(ctx, norm, b_name, f"weight '{b_name}' of {desc}")
-    if not_float is not None:
-        return not_float
-    b = constant_or_skip(ctx, b_name, f"weight of {desc}", norm)
+    b = float_constant(ctx, norm, b_name, "weight", desc)
     if isinstance(b, Skip):
         return b
     if b.ndim < 2:
