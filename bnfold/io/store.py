@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import ExternalDataInfo
 
 from bnfold.errors import BadInputError, OutputError
 from bnfold.io.dtypes import PLAIN_TYPES, tensor_nbytes
@@ -63,20 +65,18 @@ def all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
 
 
 def external_ref(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
-    """``(location, offset, length)`` of an external tensor; ``length`` None means "to the end of the file"."""
-    location, offset, length = "", 0, None
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            location = entry.value
-        elif entry.key == "offset":
-            offset = int(entry.value)
-        elif entry.key == "length":
-            length = int(entry.value)
-    return location, offset, length
+    """``(location, offset, length)`` of an external tensor (read by onnx's ``ExternalDataInfo``); ``length``
+    None means "to the end of the file". A negative or non-numeric offset or length is a ValueError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx warns about keys it does not know; they are ignored here too
+        info = ExternalDataInfo(tensor)
+    return info.location, info.offset or 0, info.length
 
 
 def set_external_ref(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    """Make ``tensor`` an external-data reference (its in-memory data, if any, is dropped)."""
+    """Make ``tensor`` an external-data reference (its in-memory data, if any, is dropped). Written here
+    rather than with onnx's ``set_external_data``, which refuses a tensor without ``raw_data``: a lazily read
+    tensor has none (its bytes stayed in the file)."""
     tensor.ClearField("raw_data")
     del tensor.external_data[:]
     tensor.data_location = _EXTERNAL
