@@ -11,7 +11,7 @@ median kept); each row gives:
 * the output checked on onnxruntime (``ORT_DISABLE_ALL``, CPU) against the original on the same input:
   BatchNormalization nodes left, node count, max abs error, output size.
 
-Tools: the floor; ``bnfold.fold(path, output=...)`` (the library, verification off: bnfold's check is
+Tools: the floor; ``bnfold.fold_file(path, out, verify=False)`` (the library, verification off: bnfold's check is
 onnxruntime, timed apart in docs/latency.md); the ``bnfold`` command (``--no-verify``); onnxoptimizer
 ``fuse_bn_into_conv``; onnx-simplifier; onnxslim; onnxruntime offline optimization at
 ``ORT_ENABLE_BASIC`` with ``optimized_model_filepath``. Missing anchors are reported as not installed
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("floor", "bnfold", "bnfold-cli", "onnxoptimizer", "onnxsim", "onnxslim", "onnxruntime")
 LABELS = {
     "floor": "onnx.load + onnx.save (floor)",
-    "bnfold": "bnfold.fold(path, output=...)",
+    "bnfold": "bnfold.fold_file(path, out, verify=False)",
     "bnfold-cli": "bnfold MODEL -o OUT --no-verify",
     "onnxoptimizer": "onnxoptimizer fuse_bn_into_conv",
     "onnxsim": "onnx-simplifier (onnxsim)",
@@ -136,7 +136,7 @@ def run_tool(tool: str, src: str, dst: str) -> dict[str, Any]:
     elif tool == "bnfold":
         import bnfold
 
-        bnfold.fold(src, output=dst)
+        bnfold.fold_file(src, dst, verify=False)
     elif tool == "bnfold-cli":
         from bnfold.cli.app import main
 
