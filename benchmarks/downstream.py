@@ -271,27 +271,34 @@ def max_err(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
     return worst
 
 
-def interleaved(a: Runner, b: Runner, runs: int, rounds: int,
-                warmup: int) -> tuple[list[float], list[float], list[int]]:
-    """Per-run ms of ``a`` and ``b``: ``runs`` each in ``rounds`` blocks, order alternating per round, the
-    first run of every block untimed."""
+def interleaved_many(runners: Sequence[Runner], runs: int, rounds: int,
+                     warmup: int) -> tuple[list[list[float]], list[int]]:
+    """Per-run ms of each runner: ``runs`` each in ``rounds`` blocks, the order reversed every other round
+    (A B C | C B A | ...), the first run of every block untimed."""
     for _ in range(warmup):
-        a()
-        b()
+        for fn in runners:
+            fn()
     rounds = min(rounds, runs)
     sizes = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
-    times: dict[int, list[float]] = {0: [], 1: []}
+    times: list[list[float]] = [[] for _ in runners]
     clock = time.perf_counter_ns
     for r, n in enumerate(sizes):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
+        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
         for which in order:
-            fn = a if which == 0 else b
+            fn = runners[which]
             fn()
             for _ in range(n):
                 start = clock()
                 fn()
                 times[which].append((clock() - start) / 1e6)
-    return times[0], times[1], sizes
+    return times, sizes
+
+
+def interleaved(a: Runner, b: Runner, runs: int, rounds: int,
+                warmup: int) -> tuple[list[float], list[float], list[int]]:
+    """:func:`interleaved_many` for two runners (A B | B A | ...)."""
+    (ta, tb), sizes = interleaved_many([a, b], runs, rounds, warmup)
+    return ta, tb, sizes
 
 
 @dataclass

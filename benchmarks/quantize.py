@@ -18,7 +18,8 @@ BatchNormalization left, QuantizeLinear / DequantizeLinear counts, Conv / Gemm /
 quantized (read through a DequantizeLinear) out of all, error to the float original (cosine similarity
 and max |diff| of the outputs over ``--eval`` other random inputs; quantized on onnxruntime
 ``ORT_ENABLE_ALL``, where Q/DQ pairs become integer kernels, the float original on ``ORT_DISABLE_ALL``),
-and latency quantized / float original (``ORT_ENABLE_ALL``, 1 thread, interleaved runs, 95 % CI).
+and latency quantized / float original (``ORT_ENABLE_ALL``, 1 thread; the float model and every quantized
+variant of it interleaved in the same rounds; 95 % CI).
 
     python benchmarks/quantize.py              # ~3 min on 2 cores
     python benchmarks/quantize.py --quick      # the shipped models only, few runs
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from downstream import _first_line, environment_line, interleaved, markdown_table, rich_table  # noqa: E402
+from downstream import _first_line, environment_line, interleaved_many, markdown_table, rich_table  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.timing.inputs import model_inputs, plan_inputs  # noqa: E402
@@ -82,6 +83,7 @@ class Outcome:
     cosine: float | None = None
     max_abs: float | None = None
     ratio: str = "-"
+    session: ort.InferenceSession | None = None  # the quantized model, until it is timed
 
 
 def session(path: Path, level: ort.GraphOptimizationLevel, threads: int = 1) -> ort.InferenceSession:
@@ -153,8 +155,7 @@ def for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_one(name: str, variant: str, src: Path, feeds: Callable[[int], dict[str, np.ndarray]],
-                 reference: Callable[[int], list[np.ndarray]], args: argparse.Namespace, work: Path,
-                 float_session: ort.InferenceSession) -> Outcome:
+                 reference: Callable[[int], list[np.ndarray]], args: argparse.Namespace, work: Path) -> Outcome:
     if not src.exists():
         return Outcome(name, variant, 0, 0, quantized=str(src))
     model = onnx.load(src)
@@ -184,12 +185,22 @@ def quantize_one(name: str, variant: str, src: Path, feeds: Callable[[int], dict
         cosines.append(cosine)
         worst = max(worst, max_abs)
     out.cosine, out.max_abs = float(np.mean(cosines)), worst
-    feed = feeds(0)
-    q_ms, f_ms, sizes = interleaved(lambda: quantized.run(None, feed), lambda: float_session.run(None, feed),
-                                    args.runs, args.rounds, args.warmup)
-    low, high = bootstrap_ratio_ci(q_ms, f_ms, block_sizes=sizes, resamples=1000, seed=0)
-    out.ratio = f"x{np.median(q_ms) / np.median(f_ms):.2f} [{low:.2f}, {high:.2f}]"
+    out.session = quantized
     return out
+
+
+def time_together(outcomes: list[Outcome], float_session: ort.InferenceSession, feed: dict[str, np.ndarray],
+                  args: argparse.Namespace) -> None:
+    """The float original and every valid quantized variant of one model, interleaved in the same rounds;
+    each variant's ratio to the float model, with its CI."""
+    timed = [o for o in outcomes if o.session is not None]
+    runners = [lambda s=float_session: s.run(None, feed)]
+    runners += [lambda s=o.session: s.run(None, feed) for o in timed]  # type: ignore[misc]
+    times, sizes = interleaved_many(runners, args.runs, args.rounds, args.warmup)
+    for outcome, q_ms in zip(timed, times[1:], strict=True):
+        low, high = bootstrap_ratio_ci(q_ms, times[0], block_sizes=sizes, resamples=1000, seed=0)
+        outcome.ratio = f"x{np.median(q_ms) / np.median(times[0]):.2f} [{low:.2f}, {high:.2f}]"
+        outcome.session = None
 
 
 def built(args: argparse.Namespace) -> list[tuple[str, onnx.ModelProto]]:
@@ -238,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             def reference(seed: int, ref: ort.InferenceSession = float_ref) -> list[np.ndarray]:
                 return ref.run(None, feeds(seed))
 
+            mine = []
             for variant, src in variants(name, original, work):
                 console.print(f"[dim]{name}: {variant}[/dim]")
-                rows.append(quantize_one(name, variant, src, feeds, reference, args, work, float_timed))
+                mine.append(quantize_one(name, variant, src, feeds, reference, args, work))
+            time_together(mine, float_timed, feeds(0), args)
+            rows += mine
     body = [[r.model, str(r.opset), r.variant, str(r.float_bn), r.quantized,
              "-" if r.bn_left is None else str(r.bn_left), "-" if r.q is None else f"{r.q} / {r.dq}",
              r.weights_quantized, "-" if r.cosine is None else f"{r.cosine:.4f}",
