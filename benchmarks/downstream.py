@@ -419,7 +419,7 @@ def summary_rows(rows: list[Row], consumers: list[Consumer], cases: list[Case]) 
                                                                                  if only_fold else "")]
         cells.append(f"{min(node_changes):+.0%} .. {max(node_changes):+.0%}" if node_changes else "-")
         for mode in THREAD_MODES:
-            vals = [r.ratios[mode].ratio for r in mine if isinstance(r.ratios.get(mode), Ratio)]
+            vals = [got.ratio for r in mine if isinstance(got := r.ratios.get(mode), Ratio)]
             cells.append(f"x{min(vals):.2f} .. x{max(vals):.2f} (median x{np.median(vals):.2f})" if vals else "-")
         out.append(cells)
     return out
