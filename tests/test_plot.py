@@ -43,6 +43,13 @@ def tiny_report(runs: int = 40) -> LatencyReport:
     return LatencyReport(tuple(configs), settings)
 
 
+def hide_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every ``import matplotlib...`` raise ImportError, also after another test imported it."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] or ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as info:
         main(args)
@@ -58,8 +65,10 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_plot_png_from_a_tiny_report(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    matplotlib = pytest.importorskip("matplotlib")
+    backend = matplotlib.get_backend()
     out = tiny_report().plot(tmp_path / "latency.png")
+    assert matplotlib.get_backend() == backend  # drawn without pyplot: no global state switched
     assert out == tmp_path / "latency.png"
     width, height = png_size(out)
     assert 600 <= width <= 3000 and 250 <= height <= 2000  # two panels side by side
@@ -85,7 +94,7 @@ def test_plot_refuses_other_suffixes(tmp_path: Path) -> None:
 
 
 def test_missing_matplotlib_is_one_line_with_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    hide_matplotlib(monkeypatch)
     with pytest.raises(MissingDependencyError) as info:
         tiny_report().plot(tmp_path / "latency.png")
     message = str(info.value)
@@ -96,7 +105,7 @@ def test_missing_matplotlib_is_one_line_with_the_extra(tmp_path: Path, monkeypat
 
 def test_cli_missing_matplotlib_exits_7_before_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    hide_matplotlib(monkeypatch)
     import bnfold.timing.measure as measure_mod
 
     def no_timing(*args: object, **kwargs: object) -> None:

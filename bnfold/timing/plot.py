@@ -4,8 +4,9 @@ Each panel (provider x optimization level x I/O mode) shows, per model, the dist
 runs (a violin and the runs themselves), the median as a bar with its value, and, for each model other
 than the baseline, the speed-up (baseline median / model median) with its bootstrap confidence interval.
 
-matplotlib is optional (``pip install 'bnfold[plot]'``) and imported only when a picture is drawn, with
-the non-interactive Agg backend. The format follows the file's suffix: ``.png`` or ``.svg``.
+matplotlib is optional (``pip install 'bnfold[plot]'``) and imported only when a picture is drawn. The
+figure is drawn without pyplot (the Agg canvas for PNG), so no global backend or state is switched. The
+format follows the file's suffix: ``.png`` or ``.svg``.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ _INSTALL = "pip install 'bnfold[plot]'"
 _MAX_POINTS = 400  # runs drawn as points per model and panel (all of them are in the violin and median)
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend, or a one-line MissingDependencyError."""
+def _figure_class() -> Any:
+    """matplotlib's ``Figure``, or a one-line MissingDependencyError.
+
+    The figure is drawn without pyplot, so no global backend or state is touched: ``Figure.savefig``
+    renders PNG with the Agg canvas and SVG with the SVG one.
+    """
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise MissingDependencyError(f"drawing the latency plot needs matplotlib: {_INSTALL}") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure
 
 
 def check_plot_path(path: str | os.PathLike[str]) -> Path:
@@ -51,7 +53,7 @@ def check_plot_path(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"{out}: is a directory")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: directory {out.parent} does not exist")
-    _pyplot()
+    _figure_class()
     return out
 
 
@@ -103,7 +105,6 @@ def plot_report(report: LatencyReport, path: str | os.PathLike[str]) -> Path:
     the file cannot be written.
     """
     out = check_plot_path(path)
-    plt = _pyplot()
     configs = report.configs
     if not configs:
         raise ValueError("the latency report has no measured configuration to draw")
@@ -111,21 +112,19 @@ def plot_report(report: LatencyReport, path: str | os.PathLike[str]) -> Path:
     ncols = max(1, min(len(configs), levels))
     nrows = math.ceil(len(configs) / ncols)
     width = 2.2 + 1.6 * max(len(c.models) for c in configs)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.6 * nrows), squeeze=False)
+    fig = _figure_class()(figsize=(width * ncols, 3.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, cfg in zip(axes.flat, configs, strict=False):
+        _panel(ax, cfg, report.baseline, report.settings.confidence)
+    for ax in list(axes.flat)[len(configs):]:
+        ax.set_visible(False)
+    s = report.settings
+    threads = s.threads if s.threads is not None else "default"
+    fig.suptitle(f"Latency per run: {s.runs} runs per model in {s.rounds} interleaved rounds, "
+                 f"threads {threads}; bar = median, bracket = speed-up CI on the model's scale", fontsize=10)
+    fig.tight_layout()
     try:
-        for ax, cfg in zip(axes.flat, configs, strict=False):
-            _panel(ax, cfg, report.baseline, report.settings.confidence)
-        for ax in list(axes.flat)[len(configs):]:
-            ax.set_visible(False)
-        s = report.settings
-        threads = s.threads if s.threads is not None else "default"
-        fig.suptitle(f"Latency per run: {s.runs} runs per model in {s.rounds} interleaved rounds, "
-                     f"threads {threads}; bar = median, bracket = speed-up CI on the model's scale", fontsize=10)
-        fig.tight_layout()
-        try:
-            fig.savefig(out, format=out.suffix.lower().lstrip("."), dpi=110)
-        except OSError as exc:
-            raise OutputError(f"{out}: {exc.strerror or exc}") from exc
-    finally:
-        plt.close(fig)
+        fig.savefig(out, format=out.suffix.lower().lstrip("."), dpi=110)
+    except OSError as exc:
+        raise OutputError(f"{out}: {exc.strerror or exc}") from exc
     return out
