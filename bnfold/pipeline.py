@@ -171,6 +171,10 @@ def fold_file(
     verify_options = verify_options or VerifyOptions()
     report_path = Path(os.fspath(report)) if report is not None else None
     _check_writable(report_path)  # before anything is written: a bad report path must not leave a model behind
+    if latency is not None and latency.plot is not None:
+        from bnfold.timing.plot import check_plot_path
+
+        check_plot_path(latency.plot)
     src = Path(os.fspath(src))
     torchscript = is_torchscript(src)
     default = src.with_name(f"{src.stem}.folded{src.suffix or ('.pt' if torchscript else '.onnx')}")
@@ -445,6 +449,10 @@ def _measure(
     def tick(label: str, done: int, total: int) -> None:
         _tell(progress, f"latency: {label}", done, total)
 
+    if options.plot is not None:  # a plot that cannot be drawn fails before minutes of timing
+        from bnfold.timing.plot import check_plot_path
+
+        check_plot_path(options.plot)
     _tell(progress, "latency")
     if providers:
         extra["providers"] = list(providers)
@@ -454,6 +462,8 @@ def _measure(
         raise
     except ValueError as exc:  # an option value timing refuses (e.g. a level this onnxruntime lacks)
         raise OptionError(str(exc)) from exc
+    if options.plot is not None:
+        report.plot(options.plot)
     return report, report.gate(options.max_slowdown) if options.max_slowdown is not None else None
 
 

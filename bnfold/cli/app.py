@@ -190,7 +190,7 @@ def fold_cmd(model: Path, output: Path | None, report_path: Path | None, dry_run
     options = FoldOptions(initializers_as_constants=initializers_as_constants, only=frozenset(only) or None,
                           skip=frozenset(skip), clone=not no_clone, max_clone_bytes=max_clone_bytes,
                           check=not no_check)
-    timed = measure_latency or latency_opts["max_slowdown"] is not None
+    timed = measure_latency or latency_opts["max_slowdown"] is not None or latency_opts["plot"] is not None
     with _running(not quiet) as progress:
         run = fold_file(
             model, output, dry_run=dry_run, options=options, shapes=fold_shapes(shapes),

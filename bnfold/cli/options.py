@@ -71,6 +71,9 @@ latency_options = _options(  # `fold --latency` and the `latency` verb
                  "when onnxruntime-gpu and a GPU work)."),
     click.option("--level", "levels", multiple=True, type=click.Choice(LEVEL_NAMES),
                  help="onnxruntime optimization level (repeatable; default: disable_all and enable_all)."),
+    click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                 help="Draw the per-run latency distributions to FILE (.png or .svg; needs bnfold[plot]). "
+                 "With fold, implies --latency."),
 )
 verify_options = _options(  # `fold` and the `verify` verb (--shape is declared by each)
     click.option("--rtol", type=FiniteTolerance(min=0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ class LatencyOptions:
     device_id: int = 0
     max_slowdown: float | None = None
     """Gate: exit code 5 when a candidate's median exceeds this many times the baseline's anywhere."""
+    plot: str | os.PathLike[str] | None = None
+    """Draw the per-run latency distributions here (PNG or SVG by suffix; needs ``bnfold[plot]``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, str):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bnfold.errors import ExitCode, GateFailedError
 from bnfold.timing.providers import MeasureConfig
@@ -202,6 +204,12 @@ class LatencyReport:
         if not checks:
             raise ValueError("the latency gate needs a baseline and at least one other model measured")
         return GateResult(max_slowdown=max_slowdown, checks=tuple(checks))
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Draw the per-run latency distributions to ``path`` (PNG or SVG); needs ``bnfold[plot]``."""
+        from bnfold.timing.plot import plot_report
+
+        return plot_report(self, path)
 
     def to_dict(self, *, samples: bool = False) -> dict[str, object]:
         return {
