@@ -156,7 +156,8 @@ def latency_cmd(baseline: Path, candidate: Path, batch: int | None, shapes: tupl
               "N=8, or 1,3,224,224 for a single input (repeatable). Dynamic dims default to 1 (first) and 16; "
               "TorchScript infers them from the first layer.")
 @click.option("--no-verify", is_flag=True, help="Skip the numerical check of the folded model.")
-@click.option("--force", is_flag=True, help="Write the folded model even when the check fails (exit code stays 4).")
+@click.option("--force", is_flag=True, help="Write the folded model even when the check fails or a fold went "
+              "unchecked (exit code stays 4 or 8).")
 @verify_options
 @click.option("--opset", type=click.IntRange(min=7), default=17, show_default=True,
               help="TorchScript input with -o OUT.onnx: the ONNX opset to export to.")
@@ -202,7 +203,9 @@ def fold_cmd(model: Path, output: Path | None, report_path: Path | None, dry_run
             _print_latency(console, run.latency, run.gate)
     if run.verification_failed:
         outcome = "written anyway (--force)" if run.written else "nothing written (--force writes anyway)"
-        click.echo(f"bnfold: {run.comparison.summary}; {outcome}", err=True)  # type: ignore[union-attr]
+        click.echo(f"bnfold: {run.check_message}; {outcome}", err=True)
+    elif run.per_fold is not None and not quiet:
+        click.echo(f"bnfold: {run.check_message}", err=True)
     return int(run.exit_code)
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bnfold.timing import GateResult, LatencyReport
     from bnfold.torchscript import TorchExportResult, TorchFoldResult
     from bnfold.verify import Comparison
+    from bnfold.verify.per_fold import PerFoldResult
 
 __all__ = [
     "TORCH_SUFFIXES",
@@ -109,10 +110,39 @@ class FoldRun:
     """0, 4 (check failed: nothing written unless forced) or 5 (latency gate failed)."""
     torch: TorchFoldResult | TorchExportResult | None = field(default=None, repr=False)
     """TorchScript input: what :mod:`bnfold.torchscript` returned (module, archive, exported model)."""
+    per_fold: PerFoldResult | None = None
+    """Each fold checked alone, where the whole model could not run on any synthesised input."""
+    whole_model_error: str = ""
+    """Why the whole model could not be checked (then ``per_fold`` is what checked the folds)."""
 
     @property
     def verification_failed(self) -> bool:
-        return self.comparison is not None and not self.comparison.passed
+        return self.exit_code in (ExitCode.VERIFY_FAILED, ExitCode.UNVERIFIED)
+
+    @property
+    def check_message(self) -> str:
+        """One line: how the folds were checked (or why not); empty when nothing was checked."""
+        if self.comparison is not None:
+            return self.comparison.summary
+        if self.per_fold is not None:
+            text = f"the whole model was not checked ({self.whole_model_error}); {self.per_fold.summary}"
+            if self.exit_code == ExitCode.UNVERIFIED:
+                text += "; folds no check covered are not written silently"
+            return text
+        return ""
+
+    def fold_checks(self) -> list[dict[str, str]]:
+        """Per fold, how it was verified: ``whole model``, ``per fold``, ``both`` or ``none``."""
+        whole = self.comparison is not None and self.comparison.passed
+        alone = self.per_fold or (self.comparison.per_fold if self.comparison is not None else None)
+        verdicts = {v.output: v for v in alone.verdicts} if alone is not None else {}
+        out = []
+        for pair in getattr(self.fold, "folded", ()):
+            v = verdicts.get(pair.output)
+            by_fold = v is not None and bool(v.passed)
+            how = "both" if whole and by_fold else "whole model" if whole else "per fold" if by_fold else "none"
+            out.append({"output": pair.output, "verified_by": how, "note": "" if v is None else v.note})
+        return out
 
     def to_report(self) -> dict[str, Any]:
         """The ``bnfold.report/1`` JSON object (see :mod:`bnfold.report`)."""
@@ -130,6 +160,11 @@ class FoldRun:
         report["dry_run"] = self.dry_run
         if self.comparison is not None:
             report["verification"] = self.comparison.to_dict()
+        if self.per_fold is not None:
+            report["per_fold"] = self.per_fold.to_dict()
+            report["whole_model_error"] = self.whole_model_error
+        if self.comparison is not None or self.per_fold is not None:
+            report["fold_checks"] = self.fold_checks()
         if self.latency is not None:
             report["latency"] = _latency_json(self.latency, self.gate)
         report["exit_code"] = int(self.exit_code)
@@ -248,24 +283,38 @@ def _fold_onnx(
     staged = result.staged  # committed below once verified; discarded otherwise
     try:
         folded_model = staged.path if staged is not None else result.model
-        comparison = None
+        comparison, per_fold, whole_error = None, None, ""
         if verify and result.folded:  # verified before anything is written
             from bnfold.verify import verify as run_check
+            from bnfold.verify.sizes import UnrunnableModelError
 
             _tell(progress, "verify")
-            comparison = run_check(
-                src,  # paths: onnxruntime loads both models (and their external data) itself
-                folded_model,
-                fold_outputs=result.folded,
-                providers=list(providers) if providers else None,
-                shapes=onnx_shapes,
-                rtol=verify_options.rtol,
-                atol=verify_options.atol,
-                inputs=verify_options.inputs,
-                input_ranges=verify_options.input_ranges,
-                seeds=verify_options.seeds,
-            )
+            try:
+                comparison = run_check(
+                    src,  # paths: onnxruntime loads both models (and their external data) itself
+                    folded_model,
+                    fold_outputs=result.folded,
+                    providers=list(providers) if providers else None,
+                    shapes=onnx_shapes,
+                    rtol=verify_options.rtol,
+                    atol=verify_options.atol,
+                    inputs=verify_options.inputs,
+                    input_ranges=verify_options.input_ranges,
+                    seeds=verify_options.seeds,
+                )
+            except UnrunnableModelError as exc:  # the model's limit: each fold is checked alone instead
+                from bnfold.verify.compare import Tolerances
+                from bnfold.verify.per_fold import check_folds
+
+                whole_error = str(exc)
+                per_fold = check_folds(src, folded_model, result.folded,
+                                       tolerances=Tolerances(verify_options.rtol, verify_options.atol))
         failed = comparison is not None and not comparison.passed
+        if per_fold is not None:
+            failed = not per_fold.passed
+        code_if_failed = ExitCode.VERIFY_FAILED
+        if per_fold is not None and not per_fold.failed and per_fold.uncovered:
+            code_if_failed = ExitCode.UNVERIFIED
         written = False
         if not dry_run and (not failed or force):
             if staged is not None:
@@ -284,11 +333,11 @@ def _fold_onnx(
     finally:
         if staged is not None:
             staged.discard()  # nothing once committed
-    code = ExitCode.VERIFY_FAILED if failed else gate.exit_code if gate is not None else ExitCode.OK
+    code = code_if_failed if failed else gate.exit_code if gate is not None else ExitCode.OK
     return FoldRun(
         input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result, written=written,
         input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run, comparison=comparison,
-        latency=timing, gate=gate, exit_code=code,
+        latency=timing, gate=gate, exit_code=code, per_fold=per_fold, whole_model_error=whole_error,
     )
 
 
