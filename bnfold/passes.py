@@ -59,6 +59,8 @@ class FoldResult:
     skipped: list[Skip] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
+    notes: list[str] = field(default_factory=list)
+    """Plain remarks on what was repaired on the way (nodes sorted, ...)."""
     staged: StagedModel | None = None
     """Set by ``bnfold.fold(..., output=PATH)``: the written model (``staged.path``, ``staged.data_files``,
     ``staged.nbytes``), committed to PATH unless ``commit=False`` was passed. ``model`` is then the model
@@ -86,11 +88,14 @@ def fold_onnx(model: onnx.ModelProto, options: FoldOptions | None = None, *, che
     """Fold every foldable normalization of ``model`` into a copy; ``model`` is not modified."""
     options = options or FoldOptions()
     rules = _rules(options)
-    if check:
-        _check(model, "input model", BadInputError)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return _fold(out, options, rules, check, None)
+    notes = _sort(out)
+    if check:
+        _check(out, "input model", BadInputError)
+    result = _fold(out, options, rules, check, None)
+    result.notes.extend(notes)
+    return result
 
 
 def fold_in_place(
@@ -107,9 +112,23 @@ def fold_in_place(
     """
     options = options or FoldOptions()
     rules = _rules(options)
+    notes = _sort(model)
     if check:
         _check(model, "input model", BadInputError)
-    return _fold(model, options, rules, check, store)
+    result = _fold(model, options, rules, check, store)
+    result.notes.extend(notes)
+    return result
+
+
+def _sort(model: onnx.ModelProto) -> list[str]:
+    """Nodes out of topological order (onnxruntime runs them; onnx.checker refuses) are sorted first."""
+    from bnfold.graph_order import sort_graph
+
+    n = sort_graph(model.graph)
+    if not n:
+        return []
+    log.info("nodes were out of topological order in %d graph(s); sorted", n)
+    return [f"the input's nodes were out of topological order in {n} graph(s); the output has them sorted"]
 
 
 def _rules(options: FoldOptions) -> tuple[ModuleType, ...]:
@@ -126,6 +145,12 @@ def _fold(
 ) -> FoldResult:
     names = NameAllocator(out)
     result = FoldResult(model=out, nodes_before=count_nodes(out.graph))
+    if 0 < out.ir_version < 4 and not options.initializers_as_constants:
+        # IR < 4 lists every initializer as a graph input because that IR requires it, not to make it overridable
+        options = dataclasses.replace(options, initializers_as_constants=True)
+        if any(i.name in {t.name for t in out.graph.initializer} for i in out.graph.input):
+            result.notes.append(f"IR version {out.ir_version}: initializers listed as graph inputs (as that IR "
+                                "requires) are treated as constants; the folded tensors are listed as inputs too")
     orphans: set[str] = set()
     _fold_graph(out.graph, None, "", names, options, rules, result, orphans, store)
     result.skipped.extend(_in_functions(out))
@@ -157,7 +182,8 @@ def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
         onnx.checker.check_model(checkable_copy(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = first_line(exc)
-        raise error(f"{what} fails onnx.checker: {first}") from exc
+        hint = "; --no-check folds it without this check" if error is BadInputError else ""
+        raise error(f"{what} fails onnx.checker: {first}{hint}") from exc
 
 
 def _fold_graph(

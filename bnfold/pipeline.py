@@ -158,6 +158,7 @@ class FoldRun:
             input_format=self.input_format,
         )
         report["dry_run"] = self.dry_run
+        report["notes"] = list(getattr(self.fold, "notes", ()))
         if self.comparison is not None:
             report["verification"] = self.comparison.to_dict()
         if self.per_fold is not None:
