@@ -132,3 +132,85 @@ def unknown_rank(seed: int = 0) -> onnx.ModelProto:
     s = helper.make_tensor_value_info("s", TensorProto.INT64, ["n"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])
     return _model(nodes, [x, s], [y], inits)
+
+
+def tf2onnx_block(seed: int = 0, c: int = 4, decomposed: bool = True) -> onnx.ModelProto:
+    """x NHWC[-1, H, W, 3] -> Transpose to NCHW -> Conv -> Transpose to NHWC -> Identity -> Identity ->
+    BN as tf2onnx writes it: ``decomposed`` Mul(scale) + Add(shift) over the last (NHWC channel) axis, or
+    Transpose back to NCHW + BatchNormalization -> Transpose -> Relu."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32), "conv/kernel")
+    inits = [w]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x_nchw", "conv/kernel"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["conv"], ["conv_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Identity", ["conv_nhwc"], ["id1"]),
+        helper.make_node("Identity", ["id1"], ["id2"]),
+    ]
+    if decomposed:
+        params = _bn_params(rng, c, "bn")
+        s, bb, m, v = (numpy_helper.to_array(t).astype(np.float64) for t in params)
+        k = s / np.sqrt(v + 1e-3)
+        inits += [numpy_helper.from_array(k.astype(np.float32), "bn/mul"),
+                  numpy_helper.from_array((bb - m * k).astype(np.float32), "bn/sub")]
+        nodes += [helper.make_node("Mul", ["id2", "bn/mul"], ["bn_mul"]),
+                  helper.make_node("Add", ["bn_mul", "bn/sub"], ["bn_out"]),
+                  helper.make_node("Relu", ["bn_out"], ["y"])]
+    else:
+        inits += _bn_params(rng, c, "bn")
+        nodes += [helper.make_node("Transpose", ["id2"], ["bn_in"], perm=[0, 3, 1, 2]),
+                  _bn("bn_in", "bn", "bn_nchw"),
+                  helper.make_node("Transpose", ["bn_nchw"], ["bn_out"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Relu", ["bn_out"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["unk__1", "unk__2", "unk__3", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", "unk__2", "unk__3", c])
+    return _model(nodes, [x], [y], inits, opset=13)
+
+
+def squeeze_after_resize(seed: int = 0, c: int = 4, opset: int = 13) -> onnx.ModelProto:
+    """paddle recogniser tail: x[-1,3,-1,-1] -> Resize (dims unknown to hand propagation) -> Conv (kernel 3
+    x 3, no H padding) -> Squeeze(axis 2) -> BN over [N, C, W]: x must have H = 3 at run time."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+             *_bn_params(rng, c, "bn"), numpy_helper.from_array(np.array([1, 1, 1, 1], np.float32), "sc"),
+             numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
+    nodes = [helper.make_node("Resize", ["x", "roi", "sc"], ["xr"], mode="nearest"),
+             helper.make_node("Conv", ["xr", "w"], ["c"], pads=[0, 1, 0, 1])]
+    if opset >= 13:
+        inits.append(numpy_helper.from_array(np.array([-2], np.int64), "axes"))  # negative axis, as an input
+        nodes.append(helper.make_node("Squeeze", ["c", "axes"], ["sq"]))
+    else:
+        nodes.append(helper.make_node("Squeeze", ["c"], ["sq"], axes=[2]))
+    nodes.append(_bn("sq", "bn", "y"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 3, -1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, c, -1])
+    return _model(nodes, [x], [y], inits, opset=opset)
+
+
+def ir3_conv_bn(seed: int = 0, c: int = 4) -> onnx.ModelProto:
+    """An old torch export: IR 3, opset 7, every initializer also listed as a graph input."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "cb"), *_bn_params(rng, c, "bn")]
+    nodes = [helper.make_node("Conv", ["x", "w", "cb"], ["c"], pads=[1, 1, 1, 1]), _bn("c", "bn", "y")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])
+    listed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    return _model(nodes, [x, *listed], [y], inits, opset=7, ir=3)
+
+
+def unsorted_string_model(seed: int = 0) -> onnx.ModelProto:
+    """Nodes written consumer first; a STRING input through ai.onnx.ml LabelEncoder -> MatMul -> Add -> BN."""
+    rng = np.random.default_rng(seed)
+    enc = helper.make_node("LabelEncoder", ["s"], ["code"], domain="ai.onnx.ml", keys_strings=["w1", "w2", "w3"],
+                           values_floats=[1.0, 2.0, 3.0], default_float=-1.0)
+    nodes = [_bn("mm_b", "bn", "y"), helper.make_node("Add", ["mm", "b"], ["mm_b"]),
+             helper.make_node("MatMul", ["code", "W"], ["mm"]), enc]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"), *_bn_params(rng, 4, "bn")]
+    x = helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    m = _model(nodes, [x], [y], inits)
+    m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 2))
+    return m
