@@ -23,6 +23,7 @@ import onnx
 
 from bnfold.const_eval import is_pure
 from bnfold.errors import BadInputError, BnfoldError, first_line
+from bnfold.functions import fold_bodies, inline_for_folding, input_fed_norms
 from bnfold.graph import GraphView, subgraphs, used_names
 from bnfold.nodes import is_op
 from bnfold.onnx_io import NameAllocator, StagedModel, checkable_copy
@@ -143,8 +144,10 @@ def _fold(
     check: bool,
     store: TensorStore | None,
 ) -> FoldResult:
+    nodes_before = count_nodes(out.graph)
+    fn_notes, fn_reasons = inline_for_folding(out) if out.functions else ([], {})
     names = NameAllocator(out)
-    result = FoldResult(model=out, nodes_before=count_nodes(out.graph))
+    result = FoldResult(model=out, nodes_before=nodes_before, notes=fn_notes)
     if 0 < out.ir_version < 4 and not options.initializers_as_constants:
         # IR < 4 lists every initializer as a graph input because that IR requires it, not to make it overridable
         options = dataclasses.replace(options, initializers_as_constants=True)
@@ -153,7 +156,7 @@ def _fold(
                                 "requires) are treated as constants; the folded tensors are listed as inputs too")
     orphans: set[str] = set()
     _fold_graph(out.graph, None, "", names, options, rules, result, orphans, store)
-    result.skipped.extend(_in_functions(out))
+    _fold_functions(out, names, options, rules, result, fn_reasons)
     if result.folded:
         _remove_orphans(out.graph, orphans, options.initializers_as_constants)
         if 0 < out.ir_version < 4:
@@ -173,6 +176,38 @@ def _in_functions(model: onnx.ModelProto) -> Iterator[Skip]:
                 yield Skip(output=node.output[0] if node.output else "", op_type=node.op_type,
                            reason=f"inside model-local function '{f.domain}:{f.name}': bnfold does not fold "
                            "inside function bodies", graph=f"function {f.domain}:{f.name}")
+
+
+def _fold_functions(
+    model: onnx.ModelProto,
+    names: NameAllocator,
+    options: FoldOptions,
+    rules: tuple[ModuleType, ...],
+    result: FoldResult,
+    reasons: dict[tuple[str, str], str],
+) -> None:
+    """Fold inside model-local function bodies (see :mod:`bnfold.functions`); every normalization left there
+    gets a reason naming the function."""
+    first_skip = len(result.skipped)
+
+    def fold_body(graph: onnx.GraphProto, path: str) -> None:
+        body_orphans: set[str] = set()
+        _fold_graph(graph, None, path, names, options, rules, result, body_orphans, None)
+        _remove_orphans(graph, body_orphans, False)
+
+    def with_norms(f: onnx.FunctionProto) -> bool:
+        return any(is_op(n, "BatchNormalization") or is_op(n, NEVER_FOLDABLE) for n in f.node)
+
+    fold_bodies(model, fold_body, with_norms)
+    by_path = {f"function {d}:{n}": why for (d, n), why in reasons.items()}
+    fed = {(f"function {f.domain}:{f.name}", out) for f in model.functions for out, _ in input_fed_norms(f)}
+    for i in range(first_skip, len(result.skipped)):
+        skip = result.skipped[i]
+        if skip.graph in by_path and (skip.graph, skip.output) in fed:
+            result.skipped[i] = dataclasses.replace(skip, reason=by_path[skip.graph])
+        elif skip.graph.startswith("function ") and "model-local function" not in skip.reason:
+            name = skip.graph.removeprefix("function ")
+            result.skipped[i] = dataclasses.replace(skip, reason=f"inside model-local function '{name}': {skip.reason}")
 
 
 def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
