@@ -153,7 +153,8 @@ def latency_cmd(baseline: Path, candidate: Path, batch: int | None, shapes: tupl
 @click.option("--no-check", is_flag=True, help="Do not run onnx.checker on the input and output.")
 @click.option("--shape", "shapes", multiple=True, metavar="[NAME=]DIMS",
               help="Input shape for verification (and TorchScript export): x=1,3,224,224, a symbolic dim "
-              "N=8, or 1,3,224,224 for a single input (repeatable). Dynamic dims default to 1 (first) and 16; "
+              "N=8, or 1,3,224,224 for a single input (repeatable). Dynamic dims: what the model states, else the "
+              "first size of 32, 64, ..., 640, 16, 8, 1 the original runs at (batch 1); "
               "TorchScript infers them from the first layer.")
 @click.option("--no-verify", is_flag=True, help="Skip the numerical check of the folded model.")
 @click.option("--force", is_flag=True, help="Write the folded model even when the check fails or a fold went "

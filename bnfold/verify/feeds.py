@@ -21,8 +21,10 @@ Shapes: a fixed dim is kept. A dynamic dim (symbolic ``dim_param`` or unknown) i
 order: ``shapes[input_name]`` (a full shape), the shape of a supplied array, ``shapes[symbol]`` (one int
 for every input using that symbol), the value the same symbol already got in this model, and finally a
 default: 1 for the first dim (batch), 16 for any other (sequence length, height, width). The same symbol
-always gets the same value across inputs. Models whose Reshape targets or weights pin the real size will
-reject the defaults; the run error then names the input and suggests ``--shape``.
+always gets the same value across inputs. A dim is dynamic when it is a ``dim_param``, has no value, or has
+a ``dim_value`` of 0 or below (paddle2onnx writes -1). :func:`bnfold.verify.sizes.choose_plan` replaces
+the defaults by sizes the original model runs at (what the model states, then a ladder of tries) before a
+check uses them.
 """
 
 from __future__ import annotations
