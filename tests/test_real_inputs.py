@@ -173,3 +173,11 @@ def test_input_without_any_shape_takes_the_rank_its_conv_proves():
     assert result.passed and result.inputs[0].shape == (1, 3, 32, 32)
     assert result.inputs[0].shape_source == "ladder: size 32 (x: rank 4 from its Conv's weight)"
     assert verify(m, m, shapes={"x": (1, 3, 5, 5)}, **FAST).passed
+
+
+def test_only_a_dynamic_batch_says_so():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                          [-1, 3, 8, 8])])
+    result = verify(m, m, **FAST)
+    assert result.inputs[0].shape == (1, 3, 8, 8) and result.inputs[0].shape_source == "default: batch 1"

@@ -224,6 +224,13 @@ def _ladder(
             if proved is not None:
                 options = [(proved, f"rank {len(proved)} from its Conv's weight"), *options]
             layouts[spec.name] = options
+    sized = bool(layouts) or any(
+        d is None or (isinstance(d, str) and d not in symbols)
+        for s in dynamic for i, d in enumerate(s.dims or ()) if i > 0 or len(s.dims or ()) == 1
+    )
+    if not sized:  # only batch dims are dynamic: the ladder has nothing to vary
+        yield "default: batch 1", {s.name: _fill(s, s.dims or (), 1, symbols) for s in dynamic}
+        return
     picks = [0] if not layouts else range(max(len(r) for r in layouts.values()))
     for pick in picks:
         for size in LADDER:
