@@ -216,7 +216,7 @@ def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
     try:
         onnx.checker.check_model(checkable_copy(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = first_line(exc)
+        first = " ".join(str(exc).split())[:400] or first_line(exc)  # the whole message, on one line
         hint = "; --no-check folds it without this check" if error is BadInputError else ""
         raise error(f"{what} fails onnx.checker: {first}{hint}") from exc
 

@@ -116,3 +116,34 @@ def test_conv_bn_with_paddle_dims_across_opsets(opset: int):
     result, comparison = _fold_and_verify(m)
     assert _ops(result.model) == ["Conv"]
     assert comparison.inputs[0].shape == (1, 2, 32, 32) and comparison.inputs[0].defaulted_dims == (0, 2, 3)
+
+
+def _custom_domain_matmul_bn(with_value_info: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "be"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "m"),
+             numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "v")]
+    nodes = [helper.make_node("MyOp", ["x"], ["z"], domain="com.example"),
+             helper.make_node("MatMul", ["z", "W"], ["mm"]),
+             helper.make_node("BatchNormalization", ["mm", "g", "be", "m", "v"], ["y"])]
+    vi = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8])] if with_value_info else []
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits, value_info=vi)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
+    m.ir_version = 8
+    return m
+
+
+def test_custom_domain_rank_from_value_info_and_a_precise_refusal_without_it():
+    result = bnfold.fold(_custom_domain_matmul_bn(True))
+    assert len(result.folded) == 1 and not result.skipped
+    assert [n.op_type for n in result.model.graph.node] == ["MyOp", "Gemm"]
+    left = bnfold.fold(_custom_domain_matmul_bn(False))
+    assert not left.folded
+    assert left.skipped[0].reason == (
+        "the rank of 'mm', the input of the BatchNormalization, is unknown, so its channel axis 1 cannot be proven "
+        "to be the column axis (the last) of MatMul (output 'mm'); it is unknown from 'z', the output of MyOp "
+        "(output 'z') on: an op of domain 'com.example' that onnx has no schema for, and no value_info gives its "
+        "output")

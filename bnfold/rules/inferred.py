@@ -31,8 +31,26 @@ _ML_OPSET = 3
 
 def inferred_dims(view: GraphView, name: str) -> tuple[int | None, ...] | None:
     """The dims onnx shape inference proves for ``name`` in ``view``'s (main) graph: a tuple of the rank's
-    length, an int where proved, None where not; None when not even the rank is proved."""
-    return view.memo(_MEMO_KEY, _infer).get(name)
+    length, an int where proved, None where not; None when not even the rank is proved. The output of a
+    custom-domain node (no schema onnx knows) takes the rank its ``value_info`` declares, dims unknown."""
+    found = view.memo(_MEMO_KEY, _infer).get(name)
+    if found is None:
+        found = view.memo(_CUSTOM_KEY, _custom_ranks).get(name)
+    return found
+
+
+_CUSTOM_KEY = "custom_domain_ranks"
+_KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+def _custom_ranks(view: GraphView) -> dict[str, tuple[int | None, ...]]:
+    custom = {o for n in view.graph.node if n.domain not in _KNOWN_DOMAINS for o in n.output if o}
+    out: dict[str, tuple[int | None, ...]] = {}
+    for vi in view.graph.value_info:
+        t = vi.type.tensor_type
+        if vi.name in custom and vi.type.HasField("tensor_type") and t.HasField("shape"):
+            out[vi.name] = (None,) * len(t.shape.dim)
+    return out
 
 
 def _infer(view: GraphView) -> dict[str, tuple[int | None, ...]]:

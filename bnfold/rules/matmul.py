@@ -60,6 +60,7 @@ from bnfold.rules.base import (
     unique_node_name,
 )
 from bnfold.rules.shapes import Shape, rank_of, shape_of
+from bnfold.rules.unknown import why_unknown
 
 __all__ = ["NAME", "match"]
 
@@ -164,7 +165,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         if y_rank is None:
             return skip(
                 f"the rank of {what}, is unknown, so its channel axis {axis} cannot be proven to be the "
-                f"column axis (the last) of {desc}"
+                f"column axis (the last) of {desc}{why_unknown(view, norm.input)}"
             )
         if axis != y_rank - 1:
             return skip(
