@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -92,10 +93,9 @@ def fold_onnx(model: onnx.ModelProto, options: FoldOptions | None = None, *, che
     out = onnx.ModelProto()
     out.CopyFrom(model)
     notes = _sort(out)
-    if check:
-        _check(out, "input model", BadInputError)
-    result = _fold(out, options, rules, check, None)
-    result.notes.extend(notes)
+    benign = _check(out, "input model", BadInputError) if check else None
+    result = _fold(out, options, rules, check, None, benign)
+    result.notes.extend(notes + _benign_note(benign))
     return result
 
 
@@ -114,11 +114,17 @@ def fold_in_place(
     options = options or FoldOptions()
     rules = _rules(options)
     notes = _sort(model)
-    if check:
-        _check(model, "input model", BadInputError)
-    result = _fold(model, options, rules, check, store)
-    result.notes.extend(notes)
+    benign = _check(model, "input model", BadInputError) if check else None
+    result = _fold(model, options, rules, check, store, benign)
+    result.notes.extend(notes + _benign_note(benign))
     return result
+
+
+def _benign_note(message: str | None) -> list[str]:
+    if message is None:
+        return []
+    return [f"the input fails onnx.checker only for a reason the fold does not touch ({message}); folded anyway, "
+            "and the output fails it for the same reason only"]
 
 
 def _sort(model: onnx.ModelProto) -> list[str]:
@@ -143,6 +149,7 @@ def _fold(
     rules: tuple[ModuleType, ...],
     check: bool,
     store: TensorStore | None,
+    benign: str | None = None,
 ) -> FoldResult:
     nodes_before = count_nodes(out.graph)
     fn_notes, fn_reasons = inline_for_folding(out) if out.functions else ([], {})
@@ -162,7 +169,7 @@ def _fold(
         if 0 < out.ir_version < 4:
             _list_initializers_as_inputs(out.graph)
         if check:
-            _check(out, "folded model", BnfoldError)
+            _check(out, "folded model", BnfoldError, benign)
     result.nodes_after = count_nodes(out.graph)
     return result
 
@@ -210,15 +217,25 @@ def _fold_functions(
             result.skipped[i] = dataclasses.replace(skip, reason=f"inside model-local function '{name}': {skip.reason}")
 
 
-def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
+_BENIGN = (re.compile(r"Field 'shape' of 'type' is required but missing"),)
+"""onnx.checker complaints that say nothing about what a fold reads or writes (a declared type without a
+shape): an input failing only these is folded, with a note, when the output fails them identically."""
+
+
+def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError], tolerated: str | None = None) -> str | None:
     """onnx.checker on the graph: tensor bytes are left out (see ``onnx_io.checkable_copy``), so the
-    check costs the same for a 10 GB model as for its structure alone."""
+    check costs the same for a 10 GB model as for its structure alone. Returns the message of a benign
+    failure of the input model (``_BENIGN``) or, for the folded model, the same one as ``tolerated``."""
     try:
         onnx.checker.check_model(checkable_copy(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = " ".join(str(exc).split())[:400] or first_line(exc)  # the whole message, on one line
+        benign = any(p.search(first) for p in _BENIGN)
+        if benign and (error is BadInputError or first == tolerated):
+            return first
         hint = "; --no-check folds it without this check" if error is BadInputError else ""
         raise error(f"{what} fails onnx.checker: {first}{hint}") from exc
+    return None
 
 
 def _fold_graph(

@@ -147,3 +147,16 @@ def test_custom_domain_rank_from_value_info_and_a_precise_refusal_without_it():
         "to be the column axis (the last) of MatMul (output 'mm'); it is unknown from 'z', the output of MyOp "
         "(output 'z') on: an op of domain 'com.example' that onnx has no schema for, and no value_info gives its "
         "output")
+
+
+def test_output_declared_without_a_shape_fails_the_checker_but_folds_with_a_note():
+    m = dialects.ir3_conv_bn()
+    m.ir_version = 8
+    del m.graph.input[1:]  # IR 8: initializers need not be inputs
+    m.graph.output[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(onnx.checker.ValidationError, match="Field 'shape' of 'type' is required"):
+        onnx.checker.check_model(m)
+    result = bnfold.fold(m)
+    assert _ops(result.model) == ["Conv"]
+    assert result.notes[-1].startswith("the input fails onnx.checker only for a reason the fold does not touch")
+    assert verify(m, result.model, threads=1, seeds=(0,)).passed
