@@ -181,9 +181,17 @@ def _plan(
     """The feed plan, with dynamic sizes the original runs on (see :mod:`bnfold.verify.sizes`)."""
     specs = model_inputs(orig.proto)
 
+    load_error: list[SessionError] = []
+
     def run(feeds: Mapping[str, np.ndarray]) -> None:
+        if load_error:  # a model that does not load is not tried again at the next size
+            raise load_error[0]
         if CPU not in opened:
-            opened[CPU] = check_session(orig, CPU, threads)
+            try:
+                opened[CPU] = check_session(orig, CPU, threads)
+            except SessionError as exc:
+                load_error.append(exc)
+                raise
         run_session(opened[CPU], feeds)
 
     try:
