@@ -106,6 +106,8 @@ def test_ill_conditioned_model_passes_on_its_own_rounding_error():
     comparison = verify(m, result.model, fold_outputs=result.folded, threads=1)
     assert comparison.passed and comparison.decided_by == "model sensitivity", comparison.summary
     assert comparison.per_fold is not None and comparison.per_fold.passed
+    # each fold alone at the shapes the whole-model run used (shape inference from x[1,8,32,32])
+    assert all(v.inputs[0][1] == (1, 8, 32, 32) for v in comparison.per_fold.verdicts)
     assert comparison.sensitivity and all(f.name == "y" for f in comparison.sensitivity)
     for f in comparison.sensitivity:  # the table fails by far more than 10x; the model's own spread covers it
         assert f.fold_error > 10 * f.table_allowance and f.fold_error <= FACTOR * f.spread

@@ -349,7 +349,9 @@ def _model_tolerance(
     :mod:`bnfold.verify.sensitivity`)."""
     refs: list[FoldRef] = list(fold_outputs) if fold_outputs is not None else list(
         fold_candidates(orig.proto, fold.proto))
-    per_fold = check_folds(orig, fold, refs, tolerances=tolerances, threads=threads)
+    first_feeds = next(iter(feeds_cache.values()), {})
+    per_fold = check_folds(orig, fold, refs, tolerances=tolerances, threads=threads,
+                           input_shapes={k: tuple(np.shape(v)) for k, v in first_feeds.items()})
     names = [r if isinstance(r, str) else r.output for r in refs]
     figures: list[OutputSensitivity] = []
     notes: list[str] = []

@@ -185,19 +185,30 @@ def _sub_model(
     return m
 
 
-def _typed(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Every typed tensor of the main graph: declared, then onnx shape inference (data propagation)."""
+def _typed(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, onnx.ValueInfoProto]:
+    """Every typed tensor of the main graph: declared, then onnx shape inference (data propagation), with
+    the graph inputs fixed at ``input_shapes`` (the shapes a whole-model run used) when given."""
     known = {v.name: v for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
     try:
         light = onnx.ModelProto()
         light.CopyFrom(model)
+        for vi in light.graph.input:
+            if input_shapes and vi.name in input_shapes and vi.type.HasField("tensor_type"):
+                shape = vi.type.tensor_type.shape
+                shape.Clear()
+                for d in input_shapes[vi.name]:
+                    shape.dim.add().dim_value = int(d)
+        if input_shapes:  # concrete shapes beat the declared symbolic ones
+            known.update({v.name: v for v in light.graph.input})
         for t in light.graph.initializer:  # shape inference needs no weights' values beyond small ones
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 t.ClearField("external_data")
                 t.data_location = onnx.TensorProto.DEFAULT
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-        for v in inferred.graph.value_info:
-            if v.name not in known or not known[v.name].type.tensor_type.HasField("shape"):
+        for v in (*inferred.graph.value_info, *inferred.graph.output):
+            if input_shapes or v.name not in known or not known[v.name].type.tensor_type.HasField("shape"):
                 known[v.name] = v
     except Exception as exc:  # inference is a help, never required
         logger.info("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
@@ -236,17 +247,21 @@ def check_folds(
     tolerances: Tolerances | None = None,
     threads: int | None = 1,
     known_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> PerFoldResult:
     """Check every fold in ``folds`` (``FoldResult.folded`` items, or tensor names) alone; never raises for a
     model problem (a fold that cannot be checked is a verdict with ``passed`` None and a reason).
 
     ``known_shapes``: tensor -> concrete shape seen in a real run (used before inference and the ladder).
+    ``input_shapes``: graph input -> the shape a whole-model run used; shape inference then proves concrete
+    shapes for the cut (what the fold saw in that run) instead of leaving dims to the ladder.
     """
     tolerances = tolerances or Tolerances()
     o_handle = open_model(original, "original")
     f_handle = open_model(folded, "folded")
     try:
-        return _check_all(o_handle, f_handle, folds, tuple(seeds), tolerances, threads, dict(known_shapes or {}))
+        return _check_all(o_handle, f_handle, folds, tuple(seeds), tolerances, threads, dict(known_shapes or {}),
+                          input_shapes)
     finally:
         for handle, source in ((o_handle, original), (f_handle, folded)):
             if handle is not source:
@@ -256,8 +271,9 @@ def check_folds(
 def _check_all(
     o_handle: ModelHandle, f_handle: ModelHandle, folds: Sequence[object], seeds: tuple[int, ...],
     tolerances: Tolerances, threads: int | None, known_shapes: Mapping[str, tuple[int, ...]],
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> PerFoldResult:
-    typed = _typed(o_handle.proto)
+    typed = _typed(o_handle.proto, input_shapes)
     f_prod = _producers(f_handle.proto.graph)
     o_graph = o_handle.proto.graph
     verdicts: list[FoldVerdict] = []
