@@ -1,5 +1,5 @@
 """The machine and software a run used, captured once in one type for every report: the fold report, a
-verification (:class:`bnfold.verify.Comparison`) and a latency measurement (:class:`bnfold.timing.LatencyReport`).
+verification (:class:`bnfold.check.Comparison`) and a latency measurement (:class:`bnfold.timing.LatencyReport`).
 
 An :class:`Environment` is also a read-only mapping of its JSON form (``env["onnxruntime"]``), which is
 what the latency report held before it was typed.

@@ -13,6 +13,8 @@ code  name                meaning
 5     GATE_FAILED         the latency gate failed (folded model slower than allowed)
 6     OUTPUT_ERROR        the output could not be written (permissions, disk full, ...)
 7     MISSING_DEPENDENCY  an optional extra is needed (for instance ``bnfold[torch]``)
+8     UNVERIFIED          a fold no check covered (the whole model does not run and the fold could not be
+                          checked alone); nothing written unless ``--force``
 130   INTERRUPTED         interrupted (Ctrl-C); no partial output is left behind
 ====  ==================  ==========================================================
 """
@@ -43,6 +45,7 @@ class ExitCode(IntEnum):
     GATE_FAILED = 5
     OUTPUT_ERROR = 6
     MISSING_DEPENDENCY = 7
+    UNVERIFIED = 8
     INTERRUPTED = 130
 
 

@@ -16,19 +16,18 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.check.options import VerifyOptions
 from bnfold.errors import BnfoldError, ExitCode, OptionError, OutputError
 from bnfold.folding.options import FoldOptions
-from bnfold.folding.result import FoldResult, FoldSummary
+from bnfold.folding.result import FoldResult
 from bnfold.overrides import with_overrides
+from bnfold.run import FoldRun, LatencyRun
 from bnfold.timing.options import LatencyOptions
 
 if TYPE_CHECKING:
-    from bnfold.check import Comparison
     from bnfold.io.load import ModelSource
     from bnfold.timing import GateResult, LatencyReport
     from bnfold.torch import TorchExportResult, TorchFoldResult
@@ -60,78 +59,6 @@ ShapesArg = Mapping[str, "Sequence[int] | int"] | Sequence[Sequence[int]] | None
 """By name: an input (or a TorchScript forward() argument) -> shape, or an ONNX symbolic dim -> value; the
 name ``""`` is an ONNX model's only input. In order: one shape per TorchScript forward() input (ONNX:
 exactly one, for its only input)."""
-
-
-@dataclass(frozen=True)
-class FoldRun:
-    """What :func:`fold_file` did: the fold, the check, the write, the timing, and the exit code."""
-
-    input_path: Path
-    input_format: str
-    """``"onnx"`` or ``"torchscript"``."""
-    output_path: Path | None
-    """Where the model goes (None: a dry run)."""
-    fold: FoldSummary | TorchFoldResult
-    """What was folded and what was left, with reasons: the ONNX fold's account (also for TorchScript
-    exported to ONNX; the model itself is the file written, or :func:`fold` for one in memory), or the
-    TorchScript fold."""
-    written: bool
-    input_bytes: int | None
-    """The input file and every external data file it references."""
-    output_bytes: int | None
-    """What was (or would have been) written."""
-    dry_run: bool = False
-    comparison: Comparison | None = None
-    latency: LatencyReport | None = None
-    gate: GateResult | None = None
-    exit_code: ExitCode = ExitCode.OK
-    """0, 4 (check failed: nothing written unless forced) or 5 (latency gate failed)."""
-    torch: TorchFoldResult | TorchExportResult | None = field(default=None, repr=False)
-    """TorchScript input: what :mod:`bnfold.torch` returned (module, archive, exported model)."""
-
-    @property
-    def verification_failed(self) -> bool:
-        return self.comparison is not None and not self.comparison.passed
-
-    def to_report(self) -> dict[str, Any]:
-        """The ``bnfold.report/1`` JSON object (see :mod:`bnfold.report`)."""
-        from bnfold.report import fold_report
-
-        report = fold_report(
-            self.fold,
-            input_path=str(self.input_path),
-            output_path=None if self.output_path is None else str(self.output_path),
-            written=self.written,
-            input_bytes=self.input_bytes,
-            output_bytes=self.output_bytes,
-            input_format=self.input_format,
-        )
-        report["dry_run"] = self.dry_run
-        if self.comparison is not None:
-            report["verification"] = self.comparison.to_dict()
-        if self.latency is not None:
-            report["latency"] = _latency_json(self.latency, self.gate)
-        report["exit_code"] = int(self.exit_code)
-        return report
-
-
-@dataclass(frozen=True)
-class LatencyRun:
-    """What :func:`time_files` measured, and the gate's verdict."""
-
-    latency: LatencyReport
-    gate: GateResult | None = None
-
-    @property
-    def exit_code(self) -> ExitCode:
-        return self.gate.exit_code if self.gate is not None else ExitCode.OK
-
-    def to_report(self) -> dict[str, Any]:
-        """The ``bnfold.latency-report/1`` JSON object."""
-        from bnfold._version import __version__
-
-        return {"schema": "bnfold.latency-report/1", "bnfold_version": __version__,
-                "latency": _latency_json(self.latency, self.gate), "exit_code": int(self.exit_code)}
 
 
 def fold_file(
@@ -260,16 +187,29 @@ def _fold_onnx(
         if staged is not None:
             staged.write(result.model, store=store, external_data=None if lazy.inline else True)
             store.close()
-        comparison = None
+        comparison, per_fold, whole_error = None, None, ""
         if verify and result.folded:  # verified before anything is written
             from bnfold.check import verify as run_check
+            from bnfold.check.sizes import UnrunnableModelError
 
             _tell(progress, "verify")
-            comparison = run_check(  # paths: onnxruntime loads both models (and their external data) itself
-                src, staged.path if staged is not None else result.model,
-                _verify_settings(verify_options, onnx_shapes, providers), fold_outputs=result.folded,
-            )
+            folded_model = staged.path if staged is not None else result.model
+            settings = _verify_settings(verify_options, onnx_shapes, providers)
+            try:  # paths: onnxruntime loads both models (and their external data) itself
+                comparison = run_check(src, folded_model, settings, fold_outputs=result.folded)
+            except UnrunnableModelError as exc:  # the model's limit: each fold is checked alone instead
+                from bnfold.check.compare import Tolerances
+                from bnfold.check.per_fold import check_folds
+
+                whole_error = str(exc)
+                per_fold = check_folds(src, folded_model, result.folded,
+                                       tolerances=Tolerances(settings.rtol, settings.atol))
         failed = comparison is not None and not comparison.passed
+        if per_fold is not None:
+            failed = not per_fold.passed
+        code_if_failed = ExitCode.VERIFY_FAILED
+        if per_fold is not None and not per_fold.failed and per_fold.uncovered:
+            code_if_failed = ExitCode.UNVERIFIED
         written = staged is not None and (not failed or force)
         if written:
             assert staged is not None
@@ -279,11 +219,12 @@ def _fold_onnx(
         if latency is not None:
             folded_model = staged.path if staged is not None else result.model  # after commit: the output
             timing, gate = _measure({"original": src, "folded": folded_model}, latency, providers, progress)
-    code = ExitCode.VERIFY_FAILED if failed else gate.exit_code if gate is not None else ExitCode.OK
+    code = code_if_failed if failed else gate.exit_code if gate is not None else ExitCode.OK
     return FoldRun(
         input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result.summary(),
         written=written, input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run,
-        comparison=comparison, latency=timing, gate=gate, exit_code=code,
+        comparison=comparison, latency=timing, gate=gate, exit_code=code, per_fold=per_fold,
+        whole_model_error=whole_error,
     )
 
 
@@ -477,9 +418,3 @@ def _verify_settings(
     if providers:
         fill["providers"] = list(providers)
     return with_overrides(VerifyOptions, options, fill)
-
-
-def _latency_json(report: LatencyReport, gate: GateResult | None) -> dict[str, Any]:
-    data = report.to_dict()
-    data["gate"] = gate.to_dict() if gate is not None else None
-    return data

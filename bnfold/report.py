@@ -152,6 +152,12 @@ def render_fold(console: Console, report: dict[str, Any]) -> None:
             where = f"{s['graph']}: " if s["graph"] else ""
             left.add_row(where + s["output"], s["op_type"], s["reason"])
         console.print(left)
+    for note in report.get("notes", ()):
+        console.print(f"note: {note}")
+    for check in report.get("fold_checks", ()):
+        if check["verified_by"] in ("per fold", "none"):
+            how = "checked alone" if check["verified_by"] == "per fold" else f"NOT checked: {check['note']}"
+            console.print(f"fold {check['output']!r}: {how}")
     if out["written"]:
         console.print(f"wrote {out['path']}")
     elif out["path"] is None or not out["written"]:

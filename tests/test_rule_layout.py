@@ -205,12 +205,29 @@ def test_refuses_reshape_whose_batch_is_not_provably_the_same() -> None:
     assert "is not provably one input axis" in reason
 
 
-def test_refuses_reshape_of_tensor_with_unknown_shape() -> None:
+def test_reshape_of_conv_output_folds_though_the_conv_input_has_no_shape() -> None:
+    """The Conv's weight proves its output's rank and channels ([?, 4, ?, ?]): no concrete dims needed."""
     shape = tensor("target", np.array([0, 4, -1], np.int64))
     model = _conv_layout_bn([helper.make_node("Reshape", ["t", "target"], ["u"], name="reshape")], 4, [shape],
                             x_shape=None)
+    result = bnfold.fold(model, check=False)
+    assert [p.output for p in result.folded] == ["y"] and not result.skipped
+    assert bnfold.verify(model, result.model, shapes={"x": (1, 2, 5, 5)}, threads=1).passed
+
+
+def test_refuses_reshape_of_tensor_with_unknown_shape() -> None:
+    """A MatMul's output rank follows its activation's, which nothing declares here: the refusal says so."""
+    rng = np.random.default_rng(0)
+    inits = [tensor("W", rng.standard_normal((3, 4)).astype(np.float32)),
+             tensor("target", np.array([0, 4, -1], np.int64)), *bn_inits(4, np.dtype(np.float32), rng)]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"),
+             helper.make_node("Reshape", ["t", "target"], ["u"], name="reshape"), bn_node("u", "y")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     reason = _single_skip(model, check=False)
-    assert "the shape of 't', the input of Reshape 'reshape', is unknown" in reason
+    assert "the shape of 't', the input of Reshape 'reshape', is unknown; it depends on graph input 'x', whose " \
+        "shape the model does not declare" in reason
 
 
 def test_refuses_squeeze_without_axes_on_unknown_dims() -> None:

@@ -251,12 +251,12 @@ def test_correct_conv_fold_passes(dtype):
     assert result.providers == (CPU,) and result.seeds == (0, 1, 2) and len(result.runs) == 3
     assert result.localisation is None
     out = result.runs[0].outputs[0]
-    assert out.name == "y" and out.shape == (1, 4, 16, 16) and out.dtype == np.dtype(dtype).name
+    assert out.name == "y" and out.shape == (1, 4, 32, 32) and out.dtype == np.dtype(dtype).name
     assert out.max_abs is not None and out.needed_atol is not None and out.needed_atol <= out.atol
     limit = 1e-5 if dtype is np.float32 else 1e-2  # relative to the output's scale
     assert out.max_abs < limit * max(1.0, out.ref_max_abs) and out.cosine > 0.9999
-    assert result.inputs[0].shape == (1, 3, 16, 16) and result.inputs[0].defaulted_dims == (0, 2, 3)
-    assert result.inputs[0].source == "normal(0, 1)"
+    assert result.inputs[0].shape == (1, 3, 32, 32) and result.inputs[0].defaulted_dims == (0, 2, 3)
+    assert result.inputs[0].source == "normal(0, 1)" and result.inputs[0].shape_source == "ladder: size 32"
     assert result.summary.startswith("verified on CPU, 3 seed(s), 1 output(s)")
 
 
@@ -429,7 +429,7 @@ def test_same_symbol_gets_the_same_value_across_inputs():
     assert plan.shapes == {"a": (1, 16), "b": (1, 16)} and plan.defaulted == {"a": (0, 1), "b": (0, 1)}
 
 
-def test_fixed_reshape_rejects_the_default_with_a_clear_hint():
+def test_fixed_reshape_sizes_the_dynamic_dim_from_its_target():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L"])
     target = numpy_helper.from_array(np.array([1, 4, 6], np.int64), "target")
     m = _model(
@@ -438,14 +438,10 @@ def test_fixed_reshape_rejects_the_default_with_a_clear_hint():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [target],
     )
-    with pytest.raises(BadInputError) as err:
-        verify(m, m, **FAST)
-    msg = str(err.value)
-    assert msg.startswith(
-        "the original model fails on onnxruntime (CPUExecutionProvider) with inputs "
-        "x[1,16] float32 (dims 1 defaulted): "
-    )
-    assert "--shape x=DIMS" in msg and "\n" not in msg
+    result = verify(m, m, **FAST)  # the Reshape's element count fixes L = 24 (the old default 16 failed)
+    assert result.passed and result.inputs[0].shape == (1, 24)
+    assert result.inputs[0].shape_source.startswith("model: Reshape 'y' target [1, 4, 6]")
+    assert "dynamic inputs x[1,24]" in result.summary
     assert verify(m, m, shapes={"x": (1, 24)}, **FAST).passed
 
 
@@ -482,9 +478,9 @@ def test_integer_and_bool_inputs_bounded_by_input_ranges():
     with pytest.raises(BadInputError) as err:
         verify(m, m, **FAST)  # default ids in [0, 8) overflow a 5-row table
     msg = str(err.value)
-    assert "with inputs ids[1,16] int64 (dims 1 defaulted), mask[1,16] bool (dims 1 defaulted): Gather node: " in msg
-    assert "indices element out of data bounds" in msg
-    assert "--input-range NAME=LO,HI" in msg
+    assert msg.startswith("the original model runs on none of the synthesised inputs (tried ids[1,32], mask[1,32]; ")
+    assert "indices element out of data bounds" in msg and "this is the model's limit, not the fold's" in msg
+    assert "--input-range NAME=LO,HI" in msg and "\n" not in msg
     result = verify(m, m, input_ranges={"ids": (0, 5)}, **FAST)
     assert result.passed, result.summary
     assert [(i.name, i.dtype, i.source) for i in result.inputs] == [
@@ -674,9 +670,10 @@ def test_to_dict_is_json_and_complete():
     assert d["inputs"][0] == {
         "name": "x",
         "dtype": "float32",
-        "shape": [1, 3, 16, 16],
+        "shape": [1, 3, 32, 32],
         "source": "normal(0, 1)",
         "defaulted_dims": [0, 2, 3],
+        "shape_source": "ladder: size 32",
     }
     out = d["runs"][0]["outputs"][0]
     assert set(out) >= {"max_abs", "max_rel", "mean_abs", "p999_abs", "cosine", "needed_atol", "needed_rtol"}

@@ -21,8 +21,10 @@ Shapes: a fixed dim is kept. A dynamic dim (symbolic ``dim_param`` or unknown) i
 order: ``shapes[input_name]`` (a full shape), the shape of a supplied array, ``shapes[symbol]`` (one int
 for every input using that symbol), the value the same symbol already got in this model, and finally a
 default: 1 for the first dim (batch), 16 for any other (sequence length, height, width). The same symbol
-always gets the same value across inputs. Models whose Reshape targets or weights pin the real size will
-reject the defaults; the run error then names the input and suggests ``--shape``.
+always gets the same value across inputs. A dim is dynamic when it is a ``dim_param``, has no value, or has
+a ``dim_value`` of 0 or below (paddle2onnx writes -1). :func:`bnfold.check.sizes.choose_plan` replaces
+the defaults by sizes the original model runs at (what the model states, then a ladder of tries) before a
+check uses them.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class InputInfo:
     """"supplied", "normal(0, 1)", "uniform[lo, hi)", "integers[lo, hi)" or "bool"."""
     defaulted_dims: tuple[int, ...] = ()
     """Indexes of the dims that got a default value (see the module docstring)."""
+    shape_source: str = ""
+    """Where the dynamic dims came from (see :mod:`bnfold.check.sizes`); empty when none was dynamic."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -107,6 +111,7 @@ class InputInfo:
             "shape": list(self.shape),
             "source": self.source,
             "defaulted_dims": list(self.defaulted_dims),
+            "shape_source": self.shape_source,
         }
 
 
@@ -117,17 +122,32 @@ def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
     for vi in model.graph.input:
         if vi.name in initializers:
             continue
-        kind = vi.type.WhichOneof("value")
+        vtype = vi.type
+        kind = vtype.WhichOneof("value")
+        if kind == "optional_type" and vtype.optional_type.elem_type.WhichOneof("value") == "tensor_type":
+            vtype = vtype.optional_type.elem_type  # an optional tensor is fed as a tensor
+            kind = "tensor_type"
         if kind != "tensor_type":
+            what = {"sequence_type": "sequence", "map_type": "map", "optional_type": "optional non-tensor",
+                    "sparse_tensor_type": "sparse tensor"}.get(kind or "", "untyped value")
             raise BadInputError(
-                f"input {vi.name!r} is a {kind or 'untyped value'}; verification only feeds tensor inputs"
+                f"input {vi.name!r} is a {what}, which verification cannot generate; "
+                "fold without the check with --no-verify, or verify the written model with your own data"
             )
-        ttype = vi.type.tensor_type
+        ttype = vtype.tensor_type
         dims: tuple[Dim, ...] | None = None
         if ttype.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim)
+            dims = tuple(_declared_dim(d) for d in ttype.shape.dim)
         specs.append(InputSpec(vi.name, ttype.elem_type, dims))
     return tuple(specs)
+
+
+def _declared_dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
+    """A fixed dim is a positive ``dim_value``; 0 and negative values (paddle2onnx writes -1), a ``dim_param``
+    and a dim with neither are all dynamic."""
+    if d.HasField("dim_value") and d.dim_value > 0:
+        return int(d.dim_value)
+    return d.dim_param or None
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -195,6 +215,8 @@ class FeedPlan:
     ranges: Mapping[str, tuple[float, float]]
     given: Mapping[str, np.ndarray]
     notes: tuple[str, ...] = field(default=())
+    shape_sources: Mapping[str, str] = field(default_factory=dict)
+    """Input name -> where its dynamic dims came from (set by :mod:`bnfold.check.sizes`)."""
 
     @property
     def all_given(self) -> bool:
@@ -216,21 +238,27 @@ class FeedPlan:
         rng = _rng(seed, spec.name)
         shape = self.shapes[spec.name]
         dtype = spec.dtype
+        # np.asarray throughout: a 0-d draw is a numpy scalar (numpy.bool etc.), which onnxruntime refuses
         if dtype == np.bool_:
-            return rng.random(shape) < 0.5
+            return np.asarray(rng.random(shape) < 0.5)
+        if dtype.kind == "O":  # STRING: short words, some repeated, so lookups both hit and miss
+            words = np.array([f"w{i}" for i in range(8)], dtype=object)
+            return np.asarray(words[rng.integers(0, len(words), size=shape)], dtype=object)
         if is_float(dtype):
             if spec.name in self.ranges:
                 lo, hi = self.ranges[spec.name]
-                return rng.uniform(lo, hi, shape).astype(dtype)
-            return rng.standard_normal(shape).astype(dtype)
+                return np.asarray(rng.uniform(lo, hi, shape).astype(dtype))
+            return np.asarray(rng.standard_normal(shape).astype(dtype))
         lo, hi = self.ranges.get(spec.name, DEFAULT_INT_RANGE)
-        return rng.integers(int(lo), int(hi), size=shape, dtype=dtype)
+        return np.asarray(rng.integers(int(lo), int(hi), size=shape, dtype=dtype))
 
     def source(self, spec: InputSpec) -> str:
         if spec.name in self.given:
             return "supplied"
         if spec.dtype == np.bool_:
             return "bool"
+        if spec.dtype.kind == "O":
+            return "strings w0..w7"
         if is_float(spec.dtype):
             if spec.name in self.ranges:
                 lo, hi = self.ranges[spec.name]
@@ -241,7 +269,8 @@ class FeedPlan:
 
     def info(self) -> tuple[InputInfo, ...]:
         return tuple(
-            InputInfo(s.name, s.dtype_name, self.shapes[s.name], self.source(s), self.defaulted.get(s.name, ()))
+            InputInfo(s.name, s.dtype_name, self.shapes[s.name], self.source(s), self.defaulted.get(s.name, ()),
+                      self.shape_sources.get(s.name, ""))
             for s in self.specs
         )
 
@@ -258,7 +287,7 @@ class FeedPlan:
 
 def _supported(spec: InputSpec) -> None:
     dtype = spec.dtype
-    if dtype.kind in "OSUc" or dtype.name in ("int4", "uint4", "int2", "uint2"):
+    if dtype.kind in "SUc" or dtype.name in ("int4", "uint4", "int2", "uint2"):
         raise BadInputError(
             f"input {spec.name!r} has dtype {spec.dtype_name}, which cannot be generated; supply it with --inputs"
         )
@@ -269,6 +298,8 @@ def _coerce(spec: InputSpec, value: object, notes: list[str]) -> np.ndarray:
     want = spec.dtype
     if arr.dtype == want:
         return arr
+    if want.kind == "O" and arr.dtype.kind in "US":  # STRING input: numpy saves str arrays as <U, not object
+        return np.asarray(arr.astype(str), dtype=object)
     ok = (is_float(want) and (is_float(arr.dtype) or arr.dtype.kind in "iub")) or (
         want.kind in "iu" and arr.dtype.kind in "iub"
     )

@@ -28,7 +28,8 @@ def render_comparison(comparison: Comparison) -> RenderableType:
     """One row per provider and output (the worst seed), then failures, localisation and notes."""
     seeds = ", ".join(map(str, comparison.seeds)) if comparison.seeds else "supplied inputs"
     status = Text("passed", style="green") if comparison.passed else Text("FAILED", style="bold red")
-    inputs = ", ".join(f"{i.name}[{','.join(map(str, i.shape))}] {i.dtype} {i.source}" for i in comparison.inputs)
+    inputs = ", ".join(f"{i.name}[{','.join(map(str, i.shape))}] {i.dtype} {i.source}"
+                       + (f" (shape: {i.shape_source})" if i.shape_source else "") for i in comparison.inputs)
     table = Table(
         title=Text.assemble(f"Verification on {', '.join(map(_short, comparison.providers)) or '-'}: ", status),
         box=box.SIMPLE_HEAD,
@@ -76,5 +77,12 @@ def render_comparison(comparison: Comparison) -> RenderableType:
         lines.append(Text(f"{_short(failed_run.provider)}{seed}: {what}", style="red"))
     if comparison.localisation is not None:
         lines.append(Text(comparison.localisation.message, style="bold"))
+    if comparison.per_fold is not None:
+        lines.append(Text(f"each fold alone: {comparison.per_fold.summary}", style="bold"))
+    for fig in comparison.sensitivity[:5]:
+        lines.append(Text(f"{_short(fig.provider)} seed {fig.seed}: {fig.line}", style="dim"))
+    if comparison.decided_by == "model sensitivity":
+        lines.append(Text("decided by the model's own rounding spread: every fold is exact alone and every error "
+                          "lies within the spread", style="green"))
     lines += [Text(f"note: {note}", style="dim") for note in comparison.notes]
     return Group(*lines)

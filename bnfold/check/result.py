@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from bnfold.check.compare import OutputComparison, Tolerances, figure
 from bnfold.check.feeds import InputInfo
+from bnfold.check.per_fold import PerFoldResult
+from bnfold.check.sensitivity import OutputSensitivity
 from bnfold.environment import Environment
 
 __all__ = ["Comparison", "FoldCheck", "Localisation", "RunComparison", "verification_environment"]
@@ -122,7 +124,7 @@ class Localisation:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The result of :func:`bnfold.verify.verify`: truthy when the folded model matches the original."""
+    """The result of :func:`bnfold.check.verify`: truthy when the folded model matches the original."""
 
     passed: bool
     providers: tuple[str, ...]
@@ -138,6 +140,13 @@ class Comparison:
     notes: tuple[str, ...] = ()
     """Plain remarks: a provider not checked and why, inputs cast, outputs order changed."""
     localisation: Localisation | None = None
+    per_fold: PerFoldResult | None = None
+    """Each fold checked alone (run when the whole-model check failed the dtype table)."""
+    sensitivity: tuple[OutputSensitivity, ...] = ()
+    """The model's own rounding spread for each output that failed the dtype table."""
+    decided_by: str = "dtype table"
+    """``"dtype table"``, or ``"model sensitivity"`` when the table failed but every fold is exact alone and
+    every error lies within the model's own rounding spread (see :mod:`bnfold.check.sensitivity`)."""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -167,6 +176,11 @@ class Comparison:
         n_out = len({o.name for r in self.runs for o in r.outputs})
         where = ", ".join(p.removesuffix("ExecutionProvider") for p in self.providers) or "no provider"
         seeds = f"{len(self.seeds)} seed(s)" if self.seeds else "supplied inputs"
+        if self.passed and self.decided_by == "model sensitivity":
+            worst = max(self.sensitivity, key=lambda f: f.fold_error / max(f.spread, 1e-300))
+            assert self.per_fold is not None
+            return (f"verified on {where}, {seeds}, {n_out} output(s) within the model's own rounding error "
+                    f"(decided by model sensitivity): {self.per_fold.summary}; worst {worst.line}{self._sized()}")
         if self.passed:
             w = self.worst
             figs = ""
@@ -175,7 +189,7 @@ class Comparison:
                     f"; worst {w.name!r}: max abs error {figure(w.max_abs)}, "
                     f"allowed {figure(w.atol)} + {figure(w.rtol)} x |original|"
                 )
-            return f"verified on {where}, {seeds}, {n_out} output(s){figs}"
+            return f"verified on {where}, {seeds}, {n_out} output(s){figs}{self._sized()}"
         run, out = next(self.failures(), (None, None))
         if run is None:
             return "verification failed: nothing was compared"
@@ -185,6 +199,14 @@ class Comparison:
         if self.localisation is not None:
             text += f"; {self.localisation.message}"
         return text
+
+    def _sized(self) -> str:
+        """``; dynamic inputs x[1,3,32,32] (ladder: size 32)`` when a dynamic shape was chosen."""
+        sized = [i for i in self.inputs if i.shape_source]
+        if not sized:
+            return ""
+        shapes = ", ".join(f"{i.name}[{','.join(map(str, i.shape))}]" for i in sized)
+        return f"; dynamic inputs {shapes} ({sized[0].shape_source})"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict (no inf/nan: figures that do not apply are null)."""
@@ -199,5 +221,8 @@ class Comparison:
             "notes": list(self.notes),
             "runs": [r.to_dict() for r in self.runs],
             "localisation": None if self.localisation is None else self.localisation.to_dict(),
+            "decided_by": self.decided_by,
+            "per_fold": None if self.per_fold is None else self.per_fold.to_dict(),
+            "sensitivity": [f.to_dict() for f in self.sensitivity],
             "environment": self.environment.to_dict(),
         }

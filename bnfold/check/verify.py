@@ -11,9 +11,10 @@ import numpy as np
 import onnxruntime as ort
 
 from bnfold.check.compare import OutputComparison, Tolerances, compare_arrays
-from bnfold.check.feeds import FeedPlan, model_inputs, plan_feeds
-from bnfold.check.localise import FoldRef, localise
+from bnfold.check.feeds import FeedPlan, InputsArg, model_inputs, plan_feeds
+from bnfold.check.localise import FoldRef, fold_candidates, localise
 from bnfold.check.options import DEFAULT_SEEDS, VerifyOptions
+from bnfold.check.per_fold import PerFoldResult, check_folds
 from bnfold.check.result import Comparison, RunComparison, verification_environment
 from bnfold.check.runner import RunError, check_session, run_session
 from bnfold.check.runtime import (
@@ -25,6 +26,8 @@ from bnfold.check.runtime import (
     open_model,
     resolve_providers,
 )
+from bnfold.check.sensitivity import OutputSensitivity, measure_spread
+from bnfold.check.sizes import UnrunnableModelError, choose_plan, short_error
 from bnfold.check.widen import WIDENED_NOTE, has_bfloat16, widen_bfloat16
 from bnfold.errors import BadInputError, first_line
 from bnfold.overrides import with_overrides
@@ -92,7 +95,7 @@ def _original_failed(plan: FeedPlan, provider: str, error: str) -> BadInputError
     hints.append("--inputs FILE.npz with real data")
     return BadInputError(
         f"the original model fails on onnxruntime ({provider}) with inputs {plan.describe()}: "
-        f"{error.rstrip('.')}. Try {', '.join(hints)}"
+        f"{short_error(error).rstrip('.')}. Try {', '.join(hints)}"
     )
 
 
@@ -156,6 +159,38 @@ def _widened(orig: ModelHandle, fold: ModelHandle) -> tuple[ModelHandle, ModelHa
     return open_model(wide[0], "original"), open_model(wide[1], "folded")
 
 
+def _plan(
+    orig: ModelHandle,
+    shapes: Mapping[str, Sequence[int] | int] | None,
+    inputs: InputsArg,
+    input_ranges: Mapping[str, tuple[float, float]] | None,
+    threads: int | None,
+    opened: dict[str, ort.InferenceSession],
+) -> FeedPlan:
+    """The feed plan, with dynamic sizes the original runs on (see :mod:`bnfold.check.sizes`)."""
+    specs = model_inputs(orig.proto)
+
+    load_error: list[SessionError] = []
+
+    def run(feeds: Mapping[str, np.ndarray]) -> None:
+        if load_error:  # a model that does not load is not tried again at the next size
+            raise load_error[0]
+        if CPU not in opened:
+            try:
+                opened[CPU] = check_session(orig, CPU, threads)
+            except SessionError as exc:
+                load_error.append(exc)
+                raise
+        run_session(opened[CPU], feeds)
+
+    try:
+        return choose_plan(orig.proto, specs, run, shapes=shapes, inputs=inputs, input_ranges=input_ranges)
+    except UnrunnableModelError:
+        if CPU not in opened:  # the model does not even load: the caller's load error says so
+            return plan_feeds(specs, shapes=shapes, inputs=inputs, input_ranges=input_ranges)
+        raise
+
+
 def _verify(
     orig: ModelHandle,
     fold: ModelHandle,
@@ -164,11 +199,10 @@ def _verify(
     fold_outputs: Sequence[FoldRef] | None,
 ) -> Comparison:
     providers, seeds, threads = options.providers, options.seeds, options.threads
-    plan = plan_feeds(model_inputs(orig.proto), shapes=options.shapes, inputs=options.inputs,
-                      input_ranges=options.input_ranges)
+    opened: dict[str, ort.InferenceSession] = {}  # the probe's session of the original, reused below
+    plan = _plan(orig, options.shapes, options.inputs, options.input_ranges, threads, opened)
     problems, notes = _signature(orig, fold)
     notes += plan.notes
-    opened: dict[str, ort.InferenceSession] = {}  # the probe's session of the original, reused below
 
     def probe(provider: str) -> str | None:
         try:
@@ -192,6 +226,7 @@ def _verify(
         return Comparison(False, (), (), (), tolerances, plan.info(), environment, tuple(problems), tuple(notes))
 
     feeds_cache: dict[int | None, dict[str, np.ndarray]] = {}
+    folded_values: dict[tuple[str, int | None], dict[str, object]] = {}  # failing runs: for the spread
     runs: list[RunComparison] = []
     checked: list[str] = []
     for provider in chosen:
@@ -234,6 +269,8 @@ def _verify(
                 provider_runs.append(RunComparison(provider, seed, (), error))
                 continue
             provider_runs.append(RunComparison(provider, seed, _compare_outputs(ref, got, tolerances)))
+            if not provider_runs[-1].passed:
+                folded_values[(provider, seed)] = got
         else:
             checked.append(provider)
             if provider in EXACT_PROVIDER_OPTIONS:
@@ -257,6 +294,15 @@ def _verify(
             seed=failing.seed,
         )
         logger.info("verification failed; %s", localisation.message)
+    per_fold: PerFoldResult | None = None
+    figures: tuple[OutputSensitivity, ...] = ()
+    decided_by = "dtype table"
+    if not passed and runs and not any(r.error for r in runs):
+        per_fold, figures, sens_notes = _model_tolerance(orig, fold, fold_outputs, runs, feeds_cache, folded_values,
+                                                         tolerances, threads)
+        notes += sens_notes
+        if per_fold.passed and figures and all(f.within for f in figures):
+            passed, decided_by = True, "model sensitivity"
     return Comparison(
         passed=passed,
         providers=tuple(checked),
@@ -268,4 +314,46 @@ def _verify(
         problems=(),
         notes=tuple(notes),
         localisation=localisation,
+        per_fold=per_fold,
+        sensitivity=figures,
+        decided_by=decided_by,
     )
+
+
+def _model_tolerance(
+    orig: ModelHandle,
+    fold: ModelHandle,
+    fold_outputs: Sequence[FoldRef] | None,
+    runs: Sequence[RunComparison],
+    feeds_cache: Mapping[int | None, dict[str, np.ndarray]],
+    folded_values: Mapping[tuple[str, int | None], dict[str, object]],
+    tolerances: Tolerances,
+    threads: int | None,
+) -> tuple[PerFoldResult, tuple[OutputSensitivity, ...], list[str]]:
+    """Each fold alone, and the model's rounding spread on every failing run (see
+    :mod:`bnfold.check.sensitivity`)."""
+    refs: list[FoldRef] = list(fold_outputs) if fold_outputs is not None else list(
+        fold_candidates(orig.proto, fold.proto))
+    first_feeds = next(iter(feeds_cache.values()), {})
+    per_fold = check_folds(orig, fold, refs, tolerances=tolerances, threads=threads,
+                           input_shapes={k: tuple(np.shape(v)) for k, v in first_feeds.items()})
+    names = [r if isinstance(r, str) else r.output for r in refs]
+    figures: list[OutputSensitivity] = []
+    notes: list[str] = []
+    for run in runs:
+        if run.passed:
+            continue
+        spread = measure_spread(fold, names, feeds_cache[run.seed], run.provider, threads,
+                                folded_values[(run.provider, run.seed)])
+        if isinstance(spread, str):
+            notes.append(f"the model's rounding spread was not measured: {spread}")
+            return per_fold, (), notes
+        for out in run.outputs:
+            if out.passed:
+                continue
+            if out.max_abs is None or out.nonfinite_mismatched:  # shape, dtype or NaN: no spread excuses it
+                return per_fold, (), notes
+            allowance = out.atol + out.rtol * (out.ref_max_abs or 0.0)
+            figures.append(OutputSensitivity(out.name, run.provider, run.seed, out.max_abs, allowance,
+                                             spread.get(out.name, 0.0)))
+    return per_fold, tuple(figures), notes

@@ -1,7 +1,7 @@
 """The ``bnfold`` command: parse, call one library function, render, exit with a documented code.
 
 ``bnfold MODEL -o OUT`` is the main form (the ``fold`` verb is implied): :func:`bnfold.pipeline.fold_file`.
-Other verbs: ``rules``, ``verify`` (:func:`bnfold.verify.verify`), ``latency``
+Other verbs: ``rules``, ``verify`` (:func:`bnfold.check.verify`), ``latency``
 (:func:`bnfold.pipeline.time_files`). Errors are one line on stderr and an exit code from
 :class:`bnfold.errors.ExitCode`.
 """
@@ -157,10 +157,12 @@ def latency_cmd(baseline: Path, candidate: Path, batch: int | None, shapes: tupl
 @click.option("--no-check", is_flag=True, help="Do not run onnx.checker on the input and output.")
 @click.option("--shape", "shapes", multiple=True, metavar="[NAME=]DIMS",
               help="Input shape for verification (and TorchScript export): x=1,3,224,224, a symbolic dim "
-              "N=8, or 1,3,224,224 for a single input (repeatable). Dynamic dims default to 1 (first) and 16; "
+              "N=8, or 1,3,224,224 for a single input (repeatable). Dynamic dims: what the model states, else the "
+              "first size of 32, 64, ..., 640, 16, 8, 1 the original runs at (batch 1); "
               "TorchScript infers them from the first layer.")
 @click.option("--no-verify", is_flag=True, help="Skip the numerical check of the folded model.")
-@click.option("--force", is_flag=True, help="Write the folded model even when the check fails (exit code stays 4).")
+@click.option("--force", is_flag=True, help="Write the folded model even when the check fails or a fold went "
+              "unchecked (exit code stays 4 or 8).")
 @verify_options
 @click.option("--opset", type=click.IntRange(min=7), default=17, show_default=True,
               help="TorchScript input with -o OUT.onnx: the ONNX opset to export to.")
@@ -207,7 +209,9 @@ def fold_cmd(model: Path, output: Path | None, report_path: Path | None, dry_run
             _print_latency(console, run.latency, run.gate)
     if run.verification_failed:
         outcome = "written anyway (--force)" if run.written else "nothing written (--force writes anyway)"
-        click.echo(f"bnfold: {run.comparison.summary}; {outcome}", err=True)  # type: ignore[union-attr]
+        click.echo(f"bnfold: {run.check_message}; {outcome}", err=True)
+    elif run.per_fold is not None and not quiet:
+        click.echo(f"bnfold: {run.check_message}", err=True)
     return int(run.exit_code)
 
 

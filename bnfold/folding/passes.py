@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from types import ModuleType
 import onnx
 
 from bnfold.errors import BadInputError, BnfoldError, first_line
+from bnfold.folding.functions import fold_bodies, inline_for_folding, input_fed_norms
+from bnfold.folding.order import sort_graph
 from bnfold.folding.result import FoldedPair, FoldResult
 from bnfold.folding.rules import PRODUCER_RULES, affine, select_rules
 from bnfold.folding.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
@@ -73,52 +76,104 @@ def fold_model(
     ``copy`` (the default) folds a copy and leaves ``model`` untouched; ``copy=False`` folds ``model``
     itself (one nobody else holds, just loaded: no copy of a large model). ``data`` reads tensors stored
     as external data (a lazily loaded model); ``keep`` receives each new tensor of an accepted fold.
-    ``options.check`` runs ``onnx.checker`` on the input (BadInputError) and the folded model.
+    ``options.check`` runs ``onnx.checker`` on the input (BadInputError) and the folded model. Nodes out of
+    topological order are sorted first, and model-local functions are folded inside (:mod:`.functions`);
+    ``notes`` say so.
     """
     options = options or FoldOptions()
     rules = select_rules(options.only, options.skip)
-    if options.check:
-        _check(model, "input model", BadInputError)
     out = model
     if copy:
         out = onnx.ModelProto()
         out.CopyFrom(model)
-    names = NameAllocator(out)
+    notes = _sort(out)
+    benign = _check(out, "input model", BadInputError) if options.check else None
     nodes_before = count_nodes(out.graph)
+    fn_notes, fn_reasons = inline_for_folding(out) if out.functions else ([], {})
+    notes += fn_notes
+    if 0 < out.ir_version < 4 and not options.initializers_as_constants:
+        # IR < 4 lists every initializer as a graph input because that IR requires it, not to make it overridable
+        options = dataclasses.replace(options, initializers_as_constants=True)
+        if any(i.name in {t.name for t in out.graph.initializer} for i in out.graph.input):
+            notes.append(f"IR version {out.ir_version}: initializers listed as graph inputs (as that IR requires) "
+                         "are treated as constants; the folded tensors are listed as inputs too")
+    names = NameAllocator(out)
     folded: list[FoldedPair] = []
     skipped: list[Skip] = []
     orphans: set[str] = set()
     run = _Run(names, options, rules, folded, skipped, orphans, keep or (lambda t: t), data)
     run.fold_graph(out.graph, None, "")
-    skipped.extend(_in_functions(out))
+    _fold_functions(out, run, fn_reasons)
     if folded:
         _remove_orphans(out.graph, orphans, options.initializers_as_constants)
         if 0 < out.ir_version < 4:
             _list_initializers_as_inputs(out.graph)
         if options.check:
-            _check(out, "folded model", BnfoldError)
-    return FoldResult(tuple(folded), tuple(skipped), nodes_before, count_nodes(out.graph), model=out)
+            _check(out, "folded model", BnfoldError, benign)
+    notes += _benign_note(benign)
+    return FoldResult(tuple(folded), tuple(run.skipped), nodes_before, count_nodes(out.graph), tuple(notes), model=out)
 
 
-def _in_functions(model: onnx.ModelProto) -> Iterator[Skip]:
-    """Normalizations inside model-local functions: reported, not folded (a function's weights arrive as
-    its inputs, so they are not constants of the function body)."""
-    for f in model.functions:
-        for node in f.node:
-            if is_op(node, "BatchNormalization") or is_op(node, NEVER_FOLDABLE):
-                yield Skip(output=node.output[0] if node.output else "", op_type=node.op_type,
-                           reason=f"inside model-local function '{f.domain}:{f.name}': bnfold does not fold "
-                           "inside function bodies", graph=f"function {f.domain}:{f.name}")
+def _benign_note(message: str | None) -> list[str]:
+    if message is None:
+        return []
+    return [f"the input fails onnx.checker only for a reason the fold does not touch ({message}); folded anyway, "
+            "and the output fails it for the same reason only"]
 
 
-def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError]) -> None:
+def _sort(model: onnx.ModelProto) -> list[str]:
+    """Nodes out of topological order (onnxruntime runs them; onnx.checker refuses) are sorted first."""
+    n = sort_graph(model.graph)
+    if not n:
+        return []
+    log.info("nodes were out of topological order in %d graph(s); sorted", n)
+    return [f"the input's nodes were out of topological order in {n} graph(s); the output has them sorted"]
+
+
+def _fold_functions(model: onnx.ModelProto, run: _Run, reasons: dict[tuple[str, str], str]) -> None:
+    """Fold inside model-local function bodies (see :mod:`bnfold.folding.functions`); every normalization
+    left there gets a reason naming the function."""
+    first_skip = len(run.skipped)
+
+    def fold_body(graph: onnx.GraphProto, path: str) -> None:
+        body = dataclasses.replace(run, orphans=set(), data=None)
+        body.fold_graph(graph, None, path)
+        _remove_orphans(graph, body.orphans, False)
+
+    def with_norms(f: onnx.FunctionProto) -> bool:
+        return any(is_op(n, "BatchNormalization") or is_op(n, NEVER_FOLDABLE) for n in f.node)
+
+    fold_bodies(model, fold_body, with_norms)
+    by_path = {f"function {d}:{n}": why for (d, n), why in reasons.items()}
+    fed = {(f"function {f.domain}:{f.name}", out) for f in model.functions for out, _ in input_fed_norms(f)}
+    for i in range(first_skip, len(run.skipped)):
+        skip = run.skipped[i]
+        if skip.graph in by_path and (skip.graph, skip.output) in fed:
+            run.skipped[i] = dataclasses.replace(skip, reason=by_path[skip.graph])
+        elif skip.graph.startswith("function ") and "model-local function" not in skip.reason:
+            name = skip.graph.removeprefix("function ")
+            run.skipped[i] = dataclasses.replace(skip, reason=f"inside model-local function '{name}': {skip.reason}")
+
+
+_BENIGN = (re.compile(r"Field 'shape' of 'type' is required but missing"),)
+"""onnx.checker complaints that say nothing about what a fold reads or writes (a declared type without a
+shape): an input failing only these is folded, with a note, when the output fails them identically."""
+
+
+def _check(model: onnx.ModelProto, what: str, error: type[BnfoldError], tolerated: str | None = None) -> str | None:
     """onnx.checker on the graph: tensor bytes are left out (see ``bnfold.io.staging.checkable_copy``), so the
-    check costs the same for a 10 GB model as for its structure alone."""
+    check costs the same for a 10 GB model as for its structure alone. Returns the message of a benign
+    failure of the input model (``_BENIGN``) or, for the folded model, the same one as ``tolerated``."""
     try:
         onnx.checker.check_model(checkable_copy(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = first_line(exc)
-        raise error(f"{what} fails onnx.checker: {first}") from exc
+        first = " ".join(str(exc).split())[:400] or first_line(exc)  # the whole message, on one line
+        benign = any(p.search(first) for p in _BENIGN)
+        if benign and (error is BadInputError or first == tolerated):
+            return first
+        hint = "; --no-check folds it without this check" if error is BadInputError else ""
+        raise error(f"{what} fails onnx.checker: {first}{hint}") from exc
+    return None
 
 
 @dataclass

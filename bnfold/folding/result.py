@@ -45,6 +45,8 @@ class FoldSummary:
     skipped: tuple[Skip, ...] = ()
     nodes_before: int = 0
     nodes_after: int = 0
+    notes: tuple[str, ...] = ()
+    """Plain remarks on what was repaired or decided on the way (nodes sorted, a function inlined, ...)."""
 
     @property
     def changed(self) -> bool:
@@ -62,7 +64,7 @@ class FoldSummary:
 
     def summary(self) -> FoldSummary:
         """The account alone (no model): what outlives the files a fold worked on."""
-        return FoldSummary(self.folded, self.skipped, self.nodes_before, self.nodes_after)
+        return FoldSummary(self.folded, self.skipped, self.nodes_before, self.nodes_after, self.notes)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from bnfold.ir.inferred import inferred_dims
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.view import GraphView
 
@@ -140,7 +141,7 @@ def _from_type(vi: onnx.ValueInfoProto) -> Shape | None:
         return None
     dims = []
     for i, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:  # 0 and -1 (paddle2onnx) are dynamic
             dims.append(Dim(int(d.dim_value)))
         else:
             # a dim_param is not checked by onnxruntime across tensors: one symbol per tensor axis
@@ -188,8 +189,16 @@ def _propagate(view: GraphView) -> dict[str, Shape | None]:
             outs = {}
         for name in node.output:
             if name:
-                shapes[name] = outs.get(name)
+                shapes[name] = outs.get(name) or _seeded(view, name)
     return shapes
+
+
+def _seeded(view: GraphView, name: str) -> Shape | None:
+    """What onnx shape inference proves where the propagation knows nothing (see :mod:`.inferred`)."""
+    dims = inferred_dims(view, name)
+    if dims is None:
+        return None
+    return tuple(Dim(d) if d is not None else _unknown(name, i) for i, d in enumerate(dims))
 
 
 def int_list(view: GraphView, node: onnx.NodeProto, name: str, input_pos: int) -> list[int] | None:
@@ -257,6 +266,12 @@ def _infer(
         if len(known) != len(inputs) or attr(node, "broadcast") is not None:
             return {}
         return {out: _broadcast(known, out)}
+    if op in ("Conv", "ConvTranspose") and x is None:  # the weight proves the rank and the channels
+        w = const_dims(view, node.input[1]) if len(node.input) > 1 else None
+        if w is None or len(w) < 3:
+            return {}
+        channels = w[1] * int(attr(node, "group", 1)) if op == "ConvTranspose" else w[0]
+        return {out: (_unknown(out, 0), Dim(channels), *(_unknown(out, i) for i in range(2, len(w))))}
     if x is None:
         return {}
     if op in ("Conv", "ConvTranspose"):

@@ -30,6 +30,7 @@ from bnfold.folding.producers import Producer, delegate, linear_producer
 from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip, copy_node, unique_node_name
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.shapes import ONE, Shape, int_list, product, reshape_dims, shape_of
+from bnfold.ir.unknown import why_unknown
 from bnfold.ir.view import GraphView
 
 __all__ = ["LAYOUT_OPS", "NAME", "match", "uniform", "walk_back"]
@@ -81,7 +82,7 @@ def _map_back(ctx: FoldContext, idx: int, axis: int, prod: Producer) -> int | st
             return f"{desc} inserts the channel axis {axis} itself"
         return axis - sum(1 for a in inserted if a < axis)
     if xs is None:
-        return f"the shape of '{node.input[0]}', the input of {desc}, is unknown"
+        return f"the shape of '{node.input[0]}', the input of {desc}, is unknown{why_unknown(view, node.input[0])}"
     rank = len(xs)
     if op == "Squeeze":
         if axes is None:
@@ -132,7 +133,8 @@ def _channel_axis_reason(ctx: FoldContext, norm: Norm, chain: list[int], t: str,
     if axis < 0:
         shape = shape_of(view, norm.input)
         if shape is None:
-            return f"the rank of '{norm.input}' is unknown, so its channel axis {axis} cannot be mapped"
+            return (f"the rank of '{norm.input}' is unknown, so its channel axis {axis} cannot be mapped"
+                    f"{why_unknown(view, norm.input)}")
         axis += len(shape)
     for idx in reversed(chain):
         try:

@@ -59,6 +59,7 @@ from bnfold.folding.rules.base import (
 )
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.shapes import Shape, rank_of, shape_of
+from bnfold.ir.unknown import why_unknown
 from bnfold.ir.view import GraphView
 
 __all__ = ["NAME", "match"]
@@ -161,7 +162,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         if y_rank is None:
             return skip(
                 f"the rank of {what}, is unknown, so its channel axis {axis} cannot be proven to be the "
-                f"column axis (the last) of {desc}"
+                f"column axis (the last) of {desc}{why_unknown(view, norm.input)}"
             )
         if axis != y_rank - 1:
             return skip(
