@@ -26,6 +26,7 @@ from bnfold.verify.check import DEFAULT_SEEDS
 
 if TYPE_CHECKING:
     from bnfold.timing import GateResult, LatencyReport
+    from bnfold.torch_.program import ProgramFoldResult
     from bnfold.torchscript import TorchExportResult, TorchFoldResult
     from bnfold.verify import Comparison
 
@@ -89,10 +90,10 @@ class FoldRun:
 
     input_path: Path
     input_format: str
-    """``"onnx"`` or ``"torchscript"``."""
+    """``"onnx"``, ``"torchscript"`` or ``"exported_program"``."""
     output_path: Path | None
     """Where the model goes (None: a dry run)."""
-    fold: FoldResult | TorchFoldResult
+    fold: FoldResult | TorchFoldResult | ProgramFoldResult
     """The ONNX fold (also for TorchScript exported to ONNX), or the TorchScript fold. When nothing was
     written, ``fold.model``'s large tensors may name staged files that are gone: use ``fold_file`` with
     ``dry_run`` or :func:`bnfold.fold` for a model to keep in memory."""
@@ -107,7 +108,7 @@ class FoldRun:
     gate: GateResult | None = None
     exit_code: ExitCode = ExitCode.OK
     """0, 4 (check failed: nothing written unless forced) or 5 (latency gate failed)."""
-    torch: TorchFoldResult | TorchExportResult | None = field(default=None, repr=False)
+    torch: TorchFoldResult | TorchExportResult | ProgramFoldResult | None = field(default=None, repr=False)
     """TorchScript input: what :mod:`bnfold.torchscript` returned (module, archive, exported model)."""
 
     @property
@@ -193,9 +194,16 @@ def fold_file(
     _check_writable(report_path)  # before anything is written: a bad report path must not leave a model behind
     src = Path(os.fspath(src))
     torchscript = is_torchscript(src)
-    default = src.with_name(f"{src.stem}.folded{src.suffix or ('.pt' if torchscript else '.onnx')}")
+    program = not torchscript and _is_exported_program(src)
+    suffix = src.suffix or (".pt" if torchscript else ".pt2" if program else ".onnx")
+    default = src.with_name(f"{src.stem}.folded{suffix}")
     out = Path(os.fspath(dst)) if dst is not None else default
-    if torchscript:
+    if program:
+        from bnfold.torch_.program_pipeline import fold_program_file
+
+        run = fold_program_file(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
+                                force=force, opset=opset, progress=progress)
+    elif torchscript:
         run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
                                 force=force, opset=opset, eval_mode=eval_mode, progress=progress)
     else:
@@ -207,6 +215,12 @@ def fold_file(
 
         write_json(run.to_report(), report_path)
     return run
+
+
+def _is_exported_program(src: Path) -> bool:
+    from bnfold.torch_._runtime import is_exported_program
+
+    return is_exported_program(src)
 
 
 def _fold_onnx(

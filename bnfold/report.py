@@ -7,7 +7,7 @@ major version)::
     {
       "schema": "bnfold.report/1",
       "bnfold_version": str,
-      "input":  {"path": str|null, "format": "onnx"|"torchscript", "bytes": int|null,
+      "input":  {"path": str|null, "format": "onnx"|"torchscript"|"exported_program", "bytes": int|null,
                  "nodes": int, "batch_norms": int},
       "output": {"path": str|null, "written": bool, "bytes": int|null, "nodes": int, "batch_norms": int},
       "folded":  [{"rule": str, "producer_op": str, "output": str, "norm_op": str, "graph": str}],

@@ -33,11 +33,19 @@ from bnfold.torch_.program_fold import _bn_output, bn_nodes, fold_program_graph
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
+    from bnfold.torch_.export import TorchExportResult
     from bnfold.torch_.program_fold import _Plan
     from bnfold.verify.compare import Tolerances
     from bnfold.verify.result import Comparison
 
-__all__ = ["ProgramFoldResult", "fold_exported_program", "load_program", "save_program"]
+__all__ = [
+    "ProgramFoldResult",
+    "fold_exported_program",
+    "fold_exported_program_to_onnx",
+    "load_program",
+    "make_program_inputs",
+    "save_program",
+]
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +295,8 @@ def fold_exported_program(
     bn_before = len(bn_nodes(original.graph))
     nodes_before = _count_nodes(original)
     decided = fold_program_graph(work)
-    folded_program = _apply(work, decided.plans) if decided.plans else work
+    with quiet():  # torch's own deprecation chatter (deep-copying the module call graph's tree specs)
+        folded_program = _apply(work, decided.plans) if decided.plans else work
     archive = save_program(folded_program)
     reloaded = load_program(archive)
     result = ProgramFoldResult(
@@ -322,3 +331,38 @@ def fold_exported_program(
         atomic_write_bytes(dst, result.archive)
         result.path = os.fspath(dst)
     return result
+
+
+def fold_exported_program_to_onnx(
+    src: ArchiveSource | ExportedProgram,
+    dst: str | os.PathLike[str] | None = None,
+    *,
+    opset: int | None = None,
+    verify: bool = True,
+    force: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seeds: Sequence[int] | None = None,
+) -> TorchExportResult:
+    """A ``torch.export`` program in, folded and verified ONNX out (``bnfold model.pt2 -o out.onnx``).
+
+    Exported with the dynamo exporter (``optimize=False``: BatchNormalization kept, dynamic shapes kept);
+    where that fails, the legacy exporter on ``program.module()`` with the saved example inputs.
+    """
+    from bnfold.torch_.dynamo_export import export_dynamo
+    from bnfold.torch_.export import _fold_and_check, export_keep_bn
+
+    program = load_program(src)
+    why: str | None = None
+    try:
+        exported, used = export_dynamo(program, (), opset=opset), "dynamo"
+    except BadInputError as exc:
+        why = str(exc)
+        inputs = make_program_inputs(program, None, 0)
+        if inputs is None:
+            raise
+        with quiet():
+            exported = export_keep_bn(program.module(), inputs.tensors, opset=opset or 17,
+                                      dynamic_batch=bool(program.range_constraints))
+        used = "legacy"
+    return _fold_and_check(exported, dst, verify, force, rtol, atol, seeds, used, why)
