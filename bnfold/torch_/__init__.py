@@ -10,4 +10,9 @@ Nothing here imports torch at module import time: torch is the optional ``bnfold
 * ``compare``   -- per-output metrics of two runs
 * ``fold``      -- ``fold_torchscript``: archive in, archive out, verified
 * ``export``    -- ONNX export keeping BatchNormalization, ``fold_torch``
+* ``dynamo_export`` -- the dynamo ONNX exporter with BatchNormalization kept, legacy fallback
+* ``program_fold``  -- the BatchNorm fold as a pass over a ``torch.export`` program graph (decide)
+* ``program``   -- ``fold_exported_program``: ``.pt2`` in, ``.pt2`` out, verified (apply, save, check)
+* ``program_pipeline`` -- the ``bnfold model.pt2`` branch of the pipeline
+* ``module``    -- ``fold_module``: an eager ``nn.Module`` in, a folded copy out (found through torch.fx)
 """
