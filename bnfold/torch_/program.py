@@ -290,8 +290,11 @@ def fold_exported_program(
     and ``VerificationFailedError`` is raised (``.result`` holds this result) unless ``force``.
     ``dst``: where to write the folded ``.pt2``.
     """
-    original = load_program(src)
-    work = load_program(save_program(original))
+    torch = require_torch("torch.export input")
+    if isinstance(src, torch.export.ExportedProgram):
+        original, work = src, load_program(src)  # the caller's program is only read (counted, run)
+    else:
+        original, work = load_program(src), load_program(src)
     bn_before = len(bn_nodes(original.graph))
     nodes_before = _count_nodes(original)
     decided = fold_program_graph(work)
