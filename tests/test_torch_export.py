@@ -162,7 +162,7 @@ def test_archive_sniffing(tmp_path: Path) -> None:
     buf = io.BytesIO()
     torch.save(module.state_dict(), buf)
     assert not is_exported_program(buf.getvalue()) and not is_exported_program(b"not a zip")
-    with pytest.raises(BadInputError, match="not a torch.export archive"):
+    with pytest.raises(BadInputError, match=r"not a torch\.export archive"):
         fold_exported_program(buf.getvalue())
 
 

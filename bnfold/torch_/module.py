@@ -13,8 +13,9 @@ Conditions (each failing one is a Skip naming the BatchNorm; torch's ``fuse_conv
 ``torch.fx.experimental.optimization.fuse`` check none of the starred ones):
 
 * the BatchNorm has running statistics (``track_running_stats=True``);
-* \\* the BatchNorm and the producer are each called exactly once in ``forward`` (a module reused would fold
-  into the other call too), and the producer's weight and bias are not shared with another module;
+* \\* the producer is called exactly once in ``forward`` (a reused module would fold into the other calls
+  too) and its weight and bias are not shared with another module; a BatchNorm called several times is
+  folded only when every call folds (into a producer of its own);
 * the producer's output is read by the BatchNorm only, and nothing in ``forward`` reads the parameters of
   either directly (``get_attr``);
 * \\* the axis BatchNorm normalizes (1) is the producer's output-channel axis: for a Linear it must be the
@@ -123,9 +124,7 @@ def _plan(node: Any, gm: Any, root: Any, calls: Counter[str], ranks: dict[str, i
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return (f"{name} {node.target} has no running statistics (track_running_stats=False): it normalizes "
                 "with each batch's statistics")
-    if calls[node.target] > 1:
-        return f"{name} {node.target} is called {calls[node.target]} times in forward()"
-    source = node.args[0] if node.args else None
+    source: Any = node.args[0] if node.args else None
     if getattr(source, "op", None) != "call_module":
         return f"its input %{getattr(source, 'name', source)} is not the output of a module call"
     producer = root.get_submodule(source.target)
@@ -177,8 +176,34 @@ def _plan(node: Any, gm: Any, root: Any, calls: Counter[str], ranks: dict[str, i
     return _Plan(bn_target=node.target, producer=producer, weight=w_t, bias=b_t, record=record)
 
 
+def _whole_modules(
+    plans: list[_Plan], skipped: list[Skip], calls: Counter[str], root: Any
+) -> tuple[list[_Plan], list[Skip]]:
+    """A BatchNorm called several times becomes an Identity only when every call folds (each into its own
+    producer); otherwise each of its calls is left with a reason."""
+    folded_calls = Counter(p.bn_target for p in plans)
+    kept: list[_Plan] = []
+    for plan in plans:
+        n = calls[plan.bn_target]
+        if folded_calls[plan.bn_target] == n:
+            kept.append(plan)
+            continue
+        name = type(root.get_submodule(plan.bn_target)).__name__
+        skipped.append(Skip(output=plan.record.output, op_type=name,
+                            reason=f"{name} {plan.bn_target} is called {n} times in forward() and not every call "
+                                   "can be folded (it must stay for the others)"))
+    return kept, skipped
+
+
+def _is_functional_bn(node: Any) -> bool:
+    import torch
+
+    return node.op == "call_function" and node.target in (torch.nn.functional.batch_norm, torch.batch_norm)
+
+
 def _count(gm: Any, root: Any) -> tuple[int, int]:
-    bns = sum(1 for n in gm.graph.nodes if n.op == "call_module" and _is_bn(root.get_submodule(n.target)))
+    bns = sum(1 for n in gm.graph.nodes if (n.op == "call_module" and _is_bn(root.get_submodule(n.target)))
+              or _is_functional_bn(n))
     nodes = sum(1 for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
     return bns, nodes
 
@@ -228,6 +253,11 @@ def fold_module_result(
                                     reason=planned))
             else:
                 plans.append(planned)
+        elif _is_functional_bn(node):
+            skipped.append(Skip(output=node.name, op_type="batch_norm", reason=(
+                f"%{node.name} calls torch.nn.functional.batch_norm: fold_module folds BatchNorm modules "
+                "(export the module and fold the program or its ONNX export)")))
+    plans, skipped = _whole_modules(plans, skipped, calls, work)
     for plan in plans:  # all decided: applying cannot fail
         p = plan.producer
         p.weight = torch.nn.Parameter(plan.weight, requires_grad=p.weight.requires_grad)

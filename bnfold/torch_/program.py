@@ -96,7 +96,7 @@ class ProgramFoldResult:
 def load_program(source: ArchiveSource | ExportedProgram) -> ExportedProgram:
     """A private copy of a program: ``torch.export.load`` of a path or bytes, or a save/load round trip."""
     torch = require_torch("torch.export input")
-    if isinstance(source, torch.export.ExportedProgram):
+    if not isinstance(source, str | os.PathLike | bytes | bytearray | memoryview):  # an ExportedProgram
         return load_program(save_program(source))
     what = "the given bytes" if isinstance(source, bytes | bytearray | memoryview) else os.fspath(source)
     if not is_exported_program(source):

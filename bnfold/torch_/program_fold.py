@@ -116,8 +116,8 @@ def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
 
 
 def _rank(node: Any) -> int | None:
-    val = node.meta.get("val") if hasattr(node, "meta") else None
-    return val.dim() if hasattr(val, "dim") else None
+    val: Any = node.meta.get("val") if hasattr(node, "meta") else None
+    return int(val.dim()) if hasattr(val, "dim") else None
 
 
 def _only_reader(value: Any, reader: Any) -> str | None:
