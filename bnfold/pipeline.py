@@ -129,6 +129,9 @@ class FoldRun:
             input_format=self.input_format,
         )
         report["dry_run"] = self.dry_run
+        exporter = getattr(self.torch, "exporter", None)
+        if exporter is not None:  # torch input exported to ONNX: which exporter, and why not dynamo
+            report["export"] = {"exporter": exporter, "note": getattr(self.torch, "exporter_note", None)}
         if self.comparison is not None:
             report["verification"] = self.comparison.to_dict()
         if self.latency is not None:

@@ -12,6 +12,7 @@ major version)::
       "output": {"path": str|null, "written": bool, "bytes": int|null, "nodes": int, "batch_norms": int},
       "folded":  [{"rule": str, "producer_op": str, "output": str, "norm_op": str, "graph": str}],
       "skipped": [{"output": str, "op_type": str, "reason": str, "graph": str}],
+      "export": {"exporter": "dynamo"|"legacy", "note": str|null},   # only for torch input -> ONNX
       "verification": object|null,     # bnfold.verify Comparison.to_dict()
       "latency": object|null,          # bnfold.latency() LatencyReport.to_dict()
       "environment": object,           # bnfold.environment Environment.to_dict(): "python", "platform",

@@ -181,6 +181,7 @@ def test_cli_pipeline_pt2_and_onnx(tmp_path: Path) -> None:
     run = fold_file(src, tmp_path / "f.onnx", verify_options=VerifyOptions(seeds=(0,)))
     assert run.input_format == "exported_program" and run.written and run.exit_code == 0
     assert run.torch is not None and run.torch.exporter == "dynamo"  # type: ignore[union-attr]
+    assert run.to_report()["export"] == {"exporter": "dynamo", "note": None}
     assert (run.fold.bn_before, run.fold.bn_after) == (n_bn, 0)
     written = onnx.load(str(tmp_path / "f.onnx"))
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the dynamic batch is kept
