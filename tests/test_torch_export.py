@@ -194,7 +194,7 @@ def test_cli_pipeline_pt2_and_onnx(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fold_torch on dynamo
 
 
-@pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2_block"])  # the decoder: the CLI test above
+@pytest.mark.parametrize("name", ["mobilenetv2_block"])  # the decoder: the CLI test; more: test_torchscript
 def test_fold_torch_dynamo_keeps_and_folds_every_batch_norm(name: str) -> None:
     module, shape = nets.NETS[name]()
     n_bn = nets.count_bn_modules(module)
@@ -235,3 +235,25 @@ def test_fold_torch_falls_back_to_the_legacy_exporter() -> None:
     assert result.exporter == "legacy" and result.exporter_note and "dynamo" in result.exporter_note
     assert (result.fold.bn_before, result.fold.bn_after) == (1, 0)
     assert result.comparison is not None and result.comparison.passed
+
+
+class _Reuse(nn.Module):
+    """One conv called twice (its weight read by two ops); a BatchNorm without running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.no_stats = nn.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.no_stats(self.conv(self.bn(self.conv(x))))
+
+
+def test_shared_weight_and_missing_statistics_are_refused() -> None:
+    module = nets.randomize_bn(_Reuse(), seed=3)
+    result = fold_exported_program(export(module, nets.example_input((2, 3, 4, 4)), dynamic=False), seeds=(0,))
+    reasons = {s.output: s.reason for s in result.skipped}
+    assert result.folded == [] and result.bn_after == 2
+    assert "the weight p_conv_weight of %conv2d is shared with another op" in reasons["batch_norm"]
+    assert "no running statistics" in reasons["batch_norm_1"]

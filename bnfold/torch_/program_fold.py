@@ -142,11 +142,11 @@ def _match_bn(bn: Any, lifted: Lifted) -> tuple[BnStats, Any] | str:
     if kind in BN_TRAINING_OPS:
         return "in training mode (batch statistics): export the module after calling .eval()"
     layout = _BN_OPS[kind]
-    if layout.training is not None and _arg(bn, layout.training, "training") is not False:
-        return "in training mode (batch statistics): export the module after calling .eval()"
     mean_node, var_node = bn.args[layout.mean], bn.args[layout.var]
     if mean_node is None or var_node is None:
         return "no running statistics (track_running_stats=False): it normalizes with each batch's statistics"
+    if layout.training is not None and _arg(bn, layout.training, "training") is not False:
+        return "in training mode (batch statistics): export the module after calling .eval()"
     mean, var = lifted.tensor(mean_node), lifted.tensor(var_node)
     if mean is None or var is None:
         return "its running mean/variance are not lifted parameters, buffers or constants"
@@ -243,6 +243,8 @@ def _plan(bn: Any, lifted: Lifted) -> _Plan | str:
     weight = lifted.tensor(prod.weight_node)
     if weight is None or not weight.is_floating_point():
         return f"the weight of %{prod.compute.name} is not a lifted floating-point tensor"
+    if len(prod.weight_node.users) != 1 or (prod.transpose_node is not None and len(prod.transpose_node.users) != 1):
+        return f"the weight {prod.weight_node.name} of %{prod.compute.name} is shared with another op"
     bias = None
     if prod.bias_node is not None:
         bias = lifted.tensor(prod.bias_node)
@@ -250,8 +252,6 @@ def _plan(bn: Any, lifted: Lifted) -> _Plan | str:
             return f"the bias of %{prod.node.name} is not a lifted 1-D tensor"
         if len(prod.bias_node.users) != 1:
             return f"the bias {prod.bias_node.name} of %{prod.node.name} is shared with another op"
-    if len(prod.weight_node.users) != 1 or (prod.transpose_node is not None and len(prod.transpose_node.users) != 1):
-        return f"the weight {prod.weight_node.name} of %{prod.compute.name} is shared with another op"
     rank = _rank(source)
     if rank is None:
         return f"the rank of %{source.name} is unknown (no shape metadata)"
@@ -265,6 +265,8 @@ def _plan(bn: Any, lifted: Lifted) -> _Plan | str:
         return f"it normalizes axis 1 of %{source.name}, whose channel axis is {channel_axis}"
     if out_channels != stats.mean.numel():
         return f"%{prod.compute.name} has {out_channels} output channels, the BatchNorm {stats.mean.numel()}"
+    if bias is not None and bias.numel() != out_channels:
+        return f"the bias of %{prod.node.name} has {bias.numel()} values, not one per output channel"
 
     affine = _affine(stats)
     w64 = _to64(weight)
