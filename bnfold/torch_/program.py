@@ -242,9 +242,28 @@ def _user_inputs(program: Any) -> tuple[list[str], list[Any]]:
     return names, args
 
 
-def make_program_inputs(program: Any, shapes: ShapesArg, seed: int) -> TorchInputs | None:
+def _grown(program: Any, dims: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """``dims`` with every dynamic dimension (a plain symbol of ``range_constraints``) one larger, where the
+    range allows: a second shape to check a program exported with ``torch.export.Dim``."""
+    import torch
+    from torch.export.graph_signature import InputKind
+
+    users = {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    vals = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in users]
+    out = []
+    for val, shape in zip(vals, dims, strict=False):
+        new = list(shape)
+        for i, d in enumerate(getattr(val, "shape", ())[: len(shape)]):
+            vr = program.range_constraints.get(d.node.expr) if isinstance(d, torch.SymInt) else None
+            if vr is not None and shape[i] + 1 <= vr.upper:
+                new[i] = shape[i] + 1
+        out.append(tuple(new))
+    return out + list(dims[len(out):])
+
+
+def make_program_inputs(program: Any, shapes: ShapesArg, seed: int, grow: bool = False) -> TorchInputs | None:
     """Seeded standard-normal inputs: ``shapes`` (in order or by name) or the example inputs' shapes and
-    dtypes. None when neither is known."""
+    dtypes; ``grow``: dynamic dimensions one larger (see :func:`_grown`). None when no shape is known."""
     import torch
 
     names, example = _user_inputs(program)
@@ -262,6 +281,8 @@ def make_program_inputs(program: Any, shapes: ShapesArg, seed: int) -> TorchInpu
         source = "example"
     else:
         return None
+    if grow:
+        dims = _grown(program, list(dims))
     gen = torch.Generator().manual_seed(seed)
     tensors = []
     for shape, dtype in zip(dims, dtypes, strict=True):
@@ -270,6 +291,20 @@ def make_program_inputs(program: Any, shapes: ShapesArg, seed: int) -> TorchInpu
         else:
             tensors.append(torch.randint(0, 2, shape, generator=gen).to(dtype))
     return TorchInputs(names=tuple(names), tensors=tuple(tensors), source=source, seed=seed)
+
+
+def _accepted(module: Any, inputs: TorchInputs | None) -> TorchInputs | None:
+    """``inputs`` when ``module`` runs on them (a grown shape may break a guard on a derived dimension)."""
+    import torch
+
+    if inputs is None:
+        return None
+    try:
+        with quiet(), torch.no_grad():
+            module(*inputs.tensors)
+    except Exception:
+        return None
+    return inputs
 
 
 def fold_exported_program(
@@ -320,14 +355,21 @@ def fold_exported_program(
         from bnfold.torch_.compare import compare_modules
 
         seeds = (0, 1, 2) if seeds is None else tuple(int(x) for x in seeds)
-        per_seed = [make_program_inputs(original, shapes, s) for s in seeds]
-        if not per_seed or per_seed[0] is None:
+        # Seeds after the first run with each dynamic dimension one larger (where the original accepts it).
+        per_seed = [make_program_inputs(original, shapes, s, grow=i > 0) for i, s in enumerate(seeds)]
+        first = per_seed[0] if per_seed else None
+        if first is None:
             raise BadInputError("the program has no example inputs (or keyword inputs); give the input shapes")
-        result.inputs = per_seed[0]
+        result.inputs = first
+        runner = original.module()
+        checked = [first] + [_accepted(runner, i) or make_program_inputs(original, shapes, i.seed)
+                             for i in per_seed[1:] if i is not None]
+        shapes_seen = {tuple(tuple(t.shape) for t in i.tensors) for i in checked if i is not None}
+        if len(shapes_seen) > 1:
+            result.notes.append(f"checked at input shapes {sorted(shapes_seen)} (dynamic dimensions varied)")
         with quiet():
-            result.comparison = compare_modules(
-                original.module(), reloaded.module(), [i for i in per_seed if i is not None], tolerances
-            )
+            result.comparison = compare_modules(runner, reloaded.module(), [i for i in checked if i is not None],
+                                                tolerances)
     if result.comparison is not None and not result.comparison.passed and not force:
         raise VerificationFailedError(f"{result.comparison.summary}; nothing written", result)
     if dst is not None:
