@@ -210,3 +210,28 @@ def test_shared_weight_is_refused() -> None:
     module[2].weight = module[0].weight  # tied
     result = bnfold.fold_module_result(module)
     assert result.folded == [] and "shared with another module" in result.skipped[0].reason
+
+
+class _Branchy(nn.Module):
+    """Python control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x)) if x.shape[1] == 3 else x
+        return self.head(y.mean((2, 3)))
+
+
+def test_untraceable_forward_is_read_through_torch_export() -> None:
+    module = nets.randomize_bn(_Branchy(), seed=7)
+    x = nets.example_input((2, 3, 6, 6))
+    with pytest.raises(bnfold.BadInputError, match="give example_inputs"):
+        bnfold.fold_module(module)
+    result = bnfold.fold_module_result(module, x)
+    assert (result.bn_before, result.bn_after, len(result.folded)) == (2, 0, 2)
+    assert result.comparison is not None and result.comparison.passed
+    assert matches(module, result.module, nets.example_input((3, 3, 6, 6), seed=1))

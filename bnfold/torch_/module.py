@@ -1,6 +1,7 @@
 """``fold_module``: an eager ``nn.Module`` in, a folded copy out (eval mode; the input is never touched).
 
-Before (as ``torch.fx.symbolic_trace`` sees ``forward``, whatever the order the modules were declared in)::
+Before (as ``torch.fx.symbolic_trace`` sees ``forward``, whatever the order the modules were declared in;
+where fx cannot trace it, as ``torch.export`` does on the example inputs: :mod:`bnfold.torch_.module_graph`)::
 
     %y = call_module[conv](%x)          # Conv1d/2d/3d, ConvTranspose1d/2d/3d (any groups, output_padding,
                                         # dilation), Linear -- these exact classes, not subclasses
@@ -40,8 +41,9 @@ import numpy as np
 from bnfold.errors import BadInputError, first_line
 from bnfold.folding import RoundingError, fold_bias, scale_axis, scale_grouped_axis1
 from bnfold.results import FoldedPair, Skip
-from bnfold.torch_._runtime import quiet, require_torch
+from bnfold.torch_._runtime import require_torch
 from bnfold.torch_.inputs import TorchInputs
+from bnfold.torch_.module_graph import ModuleGraph, export_graph, fx_graph
 from bnfold.torch_.producers import BnStats, _affine, _from64, _to64
 
 if TYPE_CHECKING:
@@ -100,25 +102,8 @@ class _Plan:
     record: FoldedPair
 
 
-def _ranks(gm: Any, example_inputs: tuple[Any, ...] | None) -> dict[str, int]:
-    """Rank of each node's output, observed on ``example_inputs`` ({} without them)."""
-    if not example_inputs:
-        return {}
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    try:
-        ShapeProp(gm).propagate(*example_inputs)
-    except Exception as exc:
-        raise BadInputError(f"the module fails on the example inputs: {first_line(exc)}") from exc
-    out = {}
-    for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            out[node.name] = len(meta.shape)
-    return out
-
-
-def _plan(node: Any, gm: Any, root: Any, calls: Counter[str], ranks: dict[str, int], shared: set[int]) -> _Plan | str:
+def _plan(node: Any, graph: ModuleGraph, root: Any, calls: Counter[str], shared: set[int]) -> _Plan | str:
+    ranks = graph.ranks
     bn = root.get_submodule(node.target)
     name = type(bn).__name__
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
@@ -137,10 +122,9 @@ def _plan(node: Any, gm: Any, root: Any, calls: Counter[str], ranks: dict[str, i
     others = [u for u in source.users if u is not node]
     if others:
         return f"the output of {source.target} also feeds %{others[0].name}"
-    reads = [n for n in gm.graph.nodes if n.op == "get_attr"
-             and any(n.target.startswith(f"{t}.") for t in (node.target, source.target))]
+    reads = [r for r in graph.attr_reads if any(r.startswith(f"{t}.") for t in (node.target, source.target))]
     if reads:
-        return f"forward() reads {reads[0].target} directly"
+        return f"forward() reads {reads[0]} directly"
     if any(id(p) in shared for p in (producer.weight, producer.bias) if p is not None):
         return f"the weight or bias of {source.target} is shared with another module"
     weight = producer.weight
@@ -195,27 +179,25 @@ def _whole_modules(
     return kept, skipped
 
 
-def _is_functional_bn(node: Any) -> bool:
-    import torch
-
-    return node.op == "call_function" and node.target in (torch.nn.functional.batch_norm, torch.batch_norm)
-
-
-def _count(gm: Any, root: Any) -> tuple[int, int]:
-    bns = sum(1 for n in gm.graph.nodes if (n.op == "call_module" and _is_bn(root.get_submodule(n.target)))
-              or _is_functional_bn(n))
-    nodes = sum(1 for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+def _count(graph: ModuleGraph, root: Any) -> tuple[int, int]:
+    bns = len(graph.functional_bn) + sum(1 for n in graph.nodes if n.op == "call_module"
+                                         and _is_bn(root.get_submodule(n.target)))
+    nodes = sum(1 for n in graph.nodes if n.op in ("call_module", "call_function", "call_method"))
     return bns, nodes
 
 
-def _trace(module: Any) -> Any:
-    import torch
-
+def _graph(work: Any, args: tuple[Any, ...] | None) -> ModuleGraph:
+    """torch.fx's graph; torch.export's where fx cannot trace and example inputs are given."""
     try:
-        with quiet():
-            return torch.fx.symbolic_trace(module)
+        return fx_graph(work, args)
+    except BadInputError:
+        raise
     except Exception as exc:
-        raise BadInputError(f"torch.fx.symbolic_trace cannot trace {type(module).__name__}: {first_line(exc)}") from exc
+        if not args:
+            raise BadInputError(f"torch.fx.symbolic_trace cannot trace {type(work).__name__} "
+                                f"({first_line(exc)}); give example_inputs to read it through torch.export") from exc
+        log.info("torch.fx cannot trace %s (%s): reading torch.export's graph", type(work).__name__, first_line(exc))
+        return export_graph(work, args)
 
 
 def fold_module_result(
@@ -228,7 +210,8 @@ def fold_module_result(
     """Fold every BatchNorm1d/2d/3d of ``module`` that follows a Conv, ConvTranspose or Linear, in a copy.
 
     The pairs come from the graph ``torch.fx.symbolic_trace`` records of ``forward`` (not from the order
-    of the submodules). ``example_inputs`` (a tensor or a tuple) prove ranks (needed for Linear) and, with
+    of the submodules), or, where fx cannot trace it, the graph ``torch.export`` records on
+    ``example_inputs``. ``example_inputs`` (a tensor or a tuple) prove ranks (needed for Linear) and, with
     ``verify``, run the original and the folded copy (``result.comparison``).
     """
     torch = require_torch("fold_module")
@@ -236,24 +219,22 @@ def fold_module_result(
     args: tuple[Any, ...] | None = None
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    gm = _trace(work)
-    with torch.no_grad():
-        ranks = _ranks(gm, args)
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    graph = _graph(work, args)
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     shared = Counter(id(p) for _, p in work.named_parameters(remove_duplicate=False))
     shared_ids = {k for k, v in shared.items() if v > 1}
-    bn_before, nodes_before = _count(gm, work)
+    bn_before, nodes_before = _count(graph, work)
     plans: list[_Plan] = []
     skipped: list[Skip] = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module" and _is_bn(work.get_submodule(node.target)):
-            planned = _plan(node, gm, work, calls, ranks, shared_ids)
+            planned = _plan(node, graph, work, calls, shared_ids)
             if isinstance(planned, str):
                 skipped.append(Skip(output=node.name, op_type=type(work.get_submodule(node.target)).__name__,
                                     reason=planned))
             else:
                 plans.append(planned)
-        elif _is_functional_bn(node):
+        elif node.name in graph.functional_bn:
             skipped.append(Skip(output=node.name, op_type="batch_norm", reason=(
                 f"%{node.name} calls torch.nn.functional.batch_norm: fold_module folds BatchNorm modules "
                 "(export the module and fold the program or its ONNX export)")))
@@ -263,7 +244,7 @@ def fold_module_result(
         p.weight = torch.nn.Parameter(plan.weight, requires_grad=p.weight.requires_grad)
         p.bias = torch.nn.Parameter(plan.bias, requires_grad=p.weight.requires_grad)
         work.set_submodule(plan.bn_target, torch.nn.Identity())
-    after = _trace(work)
+    after = (fx_graph(work, None) if graph.source == "torch.fx" else export_graph(work, args or ())) if plans else graph
     bn_after, nodes_after = _count(after, work)
     result = ModuleFoldResult(module=work, folded=[p.record for p in plans], skipped=skipped, bn_before=bn_before,
                               bn_after=bn_after, nodes_before=nodes_before, nodes_after=nodes_after)
