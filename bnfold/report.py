@@ -7,8 +7,8 @@ major version)::
     {
       "schema": "bnfold.report/1",
       "bnfold_version": str,
-      "input":  {"path": str|null, "format": "onnx"|"torchscript"|"exported_program", "bytes": int|null,
-                 "nodes": int, "batch_norms": int},
+      "input":  {"path": str|null, "bytes": int|null, "nodes": int, "batch_norms": int,
+                 "format": "onnx"|"torchscript"|"exported_program"|"nn_module"},
       "output": {"path": str|null, "written": bool, "bytes": int|null, "nodes": int, "batch_norms": int},
       "folded":  [{"rule": str, "producer_op": str, "output": str, "norm_op": str, "graph": str}],
       "skipped": [{"output": str, "op_type": str, "reason": str, "graph": str}],

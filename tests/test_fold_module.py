@@ -71,6 +71,10 @@ def test_folds_every_batch_norm_and_matches(name: str) -> None:
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
     assert matches(module.eval(), folded, x)
     assert matches(module, bnfold.fold_module(module, x), nets.example_input(shape, seed=4))
+    report = result.to_report()
+    assert (report["input"]["format"], report["input"]["batch_norms"], report["output"]["batch_norms"]) == (
+        "nn_module", n_bn, 0)
+    assert report["verification"]["passed"] and report["exit_code"] == 0
 
 
 class _Declared(nn.Module):

@@ -77,6 +77,16 @@ class ModuleFoldResult:
     def changed(self) -> bool:
         return bool(self.folded)
 
+    def to_report(self) -> dict[str, Any]:
+        """The ``bnfold.report/1`` JSON object, input format ``"nn_module"`` (no paths, no bytes)."""
+        from bnfold.report import fold_report
+
+        report = fold_report(self, input_path=None, output_path=None, written=False, input_bytes=None,
+                             output_bytes=None, input_format="nn_module")
+        report["verification"] = None if self.comparison is None else self.comparison.to_dict()
+        report["exit_code"] = 0 if self.comparison is None or self.comparison.passed else 4
+        return report
+
 
 def _classes() -> dict[type, str]:
     from torch import nn
