@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -172,11 +173,16 @@ def test_cli_pipeline_pt2_and_onnx(tmp_path: Path) -> None:
     n_bn = nets.count_bn_modules(module)
     src = pt2(export(module, batched(shape, 2, 0), dynamic=True), tmp_path / "m.pt2")
 
-    run = fold_file(src, tmp_path / "f.pt2", verify_options=VerifyOptions(seeds=(0,)))
-    report = run.to_report()
+    from bnfold.cli import main  # bnfold m.pt2 -o f.pt2, as a user types it
+
+    with pytest.raises(SystemExit) as info:
+        main([str(src), "-o", str(tmp_path / "f.pt2"), "--seeds", "0,1", "--report", str(tmp_path / "r.json"),
+              "--quiet"])
+    assert info.value.code in (0, None)
+    report = json.loads((tmp_path / "r.json").read_text())
     assert (report["input"]["format"], report["input"]["batch_norms"], report["output"]["batch_norms"]) == (
         "exported_program", n_bn, 0)
-    assert run.written and report["verification"]["passed"] and run.exit_code == 0
+    assert report["output"]["written"] and report["verification"]["passed"] and report["exit_code"] == 0
     assert_matches_float64(module, torch.export.load(tmp_path / "f.pt2").module(), batched(shape, 3, 1))
 
     run = fold_file(src, tmp_path / "f.onnx", verify_options=VerifyOptions(seeds=(0,)))
