@@ -104,9 +104,16 @@ def fold_file(
         check_plot_path(latency.plot)
     src = Path(os.fspath(src))
     torchscript = is_torchscript(src)
-    default = src.with_name(f"{src.stem}.folded{src.suffix or ('.pt' if torchscript else '.onnx')}")
+    program = not torchscript and _is_exported_program(src)
+    suffix = src.suffix or (".pt" if torchscript else ".pt2" if program else ".onnx")
+    default = src.with_name(f"{src.stem}.folded{suffix}")
     out = Path(os.fspath(dst)) if dst is not None else default
-    if torchscript:
+    if program:
+        from bnfold.torch.program_pipeline import fold_program_file
+
+        run = fold_program_file(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
+                                force=force, opset=opset, progress=progress)
+    elif torchscript:
         run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
                                 force=force, opset=opset, eval_mode=eval_mode, progress=progress)
     else:
@@ -146,6 +153,10 @@ def fold(model: ModelSource, options: FoldOptions | None = None, /, **overrides:
     result = fold_model(lazy.proto, options, copy=False, data=lazy.store)
     materialize(lazy)
     return result
+def _is_exported_program(src: Path) -> bool:
+    from bnfold.torch.archive import is_exported_program
+
+    return is_exported_program(src)
 
 
 def _fold_onnx(

@@ -7,11 +7,12 @@ major version)::
     {
       "schema": "bnfold.report/1",
       "bnfold_version": str,
-      "input":  {"path": str|null, "format": "onnx"|"torchscript", "bytes": int|null,
-                 "nodes": int, "batch_norms": int},
+      "input":  {"path": str|null, "bytes": int|null, "nodes": int, "batch_norms": int,
+                 "format": "onnx"|"torchscript"|"exported_program"|"nn_module"},
       "output": {"path": str|null, "written": bool, "bytes": int|null, "nodes": int, "batch_norms": int},
       "folded":  [{"rule": str, "producer_op": str, "output": str, "norm_op": str, "graph": str}],
       "skipped": [{"output": str, "op_type": str, "reason": str, "graph": str}],
+      "export": {"exporter": "dynamo"|"legacy", "note": str|null},   # only for torch input -> ONNX
       "verification": object|null,     # bnfold.verify Comparison.to_dict()
       "latency": object|null,          # bnfold.latency() LatencyReport.to_dict()
       "environment": object,           # bnfold.environment Environment.to_dict(): "python", "platform",

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from bnfold.check import Comparison
     from bnfold.check.per_fold import PerFoldResult
     from bnfold.timing import GateResult, LatencyReport
-    from bnfold.torch import TorchExportResult, TorchFoldResult
+    from bnfold.torch import ProgramFoldResult, TorchExportResult, TorchFoldResult
 
 __all__ = ["FoldRun", "LatencyRun"]
 
@@ -30,10 +30,10 @@ class FoldRun:
 
     input_path: Path
     input_format: str
-    """``"onnx"`` or ``"torchscript"``."""
+    """``"onnx"``, ``"torchscript"`` or ``"exported_program"``."""
     output_path: Path | None
     """Where the model goes (None: a dry run)."""
-    fold: FoldSummary | TorchFoldResult
+    fold: FoldSummary | TorchFoldResult | ProgramFoldResult
     """What was folded and what was left, with reasons: the ONNX fold's account (also for TorchScript
     exported to ONNX; the model itself is the file written, or :func:`fold` for one in memory), or the
     TorchScript fold."""
@@ -48,7 +48,7 @@ class FoldRun:
     gate: GateResult | None = None
     exit_code: ExitCode = ExitCode.OK
     """0, 4 (check failed: nothing written unless forced) or 5 (latency gate failed)."""
-    torch: TorchFoldResult | TorchExportResult | None = field(default=None, repr=False)
+    torch: TorchFoldResult | TorchExportResult | ProgramFoldResult | None = field(default=None, repr=False)
     """TorchScript input: what :mod:`bnfold.torch` returned (module, archive, exported model)."""
     per_fold: PerFoldResult | None = None
     """Each fold checked alone, where the whole model could not run on any synthesised input."""
@@ -98,6 +98,9 @@ class FoldRun:
             input_format=self.input_format,
         )
         report["dry_run"] = self.dry_run
+        exporter = getattr(self.torch, "exporter", None)
+        if exporter is not None:  # torch input exported to ONNX: which exporter, and why not dynamo
+            report["export"] = {"exporter": exporter, "note": getattr(self.torch, "exporter_note", None)}
         report["notes"] = list(getattr(self.fold, "notes", ()))
         if self.comparison is not None:
             report["verification"] = self.comparison.to_dict()

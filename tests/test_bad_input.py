@@ -264,6 +264,7 @@ def _torchscript_bytes() -> bytes:
 
 
 @pytest.mark.torch
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the test's own torch.jit calls
 def test_torchscript_archive_given_to_the_onnx_library_is_bad_input(tmp_path: Path) -> None:
     src = tmp_path / "model.onnx"
     src.write_bytes(_torchscript_bytes())
@@ -284,6 +285,7 @@ def test_onnx_given_where_torchscript_is_expected_is_bad_input(tmp_path: Path) -
 
 
 @pytest.mark.torch
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the test's own torch.jit calls
 def test_torchscript_archive_named_onnx_is_recognised_by_content(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -180,7 +180,9 @@ def fold_cmd(model: Path, output: Path | None, report_path: Path | None, dry_run
              providers: tuple[str, ...], **latency_opts: Any) -> int:
     """Fold MODEL and write the result to -o OUT.
 
-    MODEL may be ONNX or a TorchScript archive (recognised by content). TorchScript with -o OUT.onnx is
+    MODEL may be ONNX, a TorchScript archive or a torch.export archive (.pt2), recognised by content;
+    a .pt2 is folded into a .pt2 (or, with -o OUT.onnx, exported by the dynamo exporter and folded there),
+    checked in torch. TorchScript with -o OUT.onnx is
     exported to ONNX (BatchNorm kept) and folded there; with any other suffix a TorchScript archive is
     written, verified in torch.
     """

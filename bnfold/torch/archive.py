@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArchiveSource",
+    "is_exported_program",
     "is_torchscript",
     "load_archive",
     "quiet",
@@ -66,6 +67,18 @@ def is_torchscript(source: ArchiveSource) -> bool:
     """
     names = _zip_names(source)
     return names is not None and _looks_like_torchscript(names)
+
+
+def is_exported_program(source: ArchiveSource) -> bool:
+    """True when ``source`` (a path or bytes) is a ``torch.export.save`` archive (``.pt2``), judged by content.
+
+    Reads only the zip's central directory (no torch): such an archive has ``*/archive_format`` and
+    ``*/models/*.json`` entries and no TorchScript ``code/``.
+    """
+    names = _zip_names(source)
+    if names is None or _looks_like_torchscript(names):
+        return False
+    return any(n.endswith("archive_format") for n in names) and any("/models/" in n for n in names)
 
 
 def read_source(source: ArchiveSource) -> bytes:

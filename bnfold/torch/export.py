@@ -54,6 +54,10 @@ class TorchExportResult:
     comparison: Comparison | None = None
     path: str | None = None
     """Where the folded model was written (None: not written)."""
+    exporter: str = "legacy"
+    """The ONNX exporter used: ``"dynamo"`` or ``"legacy"``."""
+    exporter_note: str | None = None
+    """Why the dynamo exporter was not used, where it was tried."""
 
     @property
     def folded(self) -> tuple[FoldedPair, ...]:
@@ -183,12 +187,15 @@ def _fold_and_check(
     rtol: float | None,
     atol: float | None,
     seeds: Sequence[int] | None,
+    exporter: str = "legacy",
+    exporter_note: str | None = None,
 ) -> TorchExportResult:
     from bnfold.folding.passes import fold_model
     from bnfold.io.save import save_model
 
     fold_result = fold_model(exported)  # a copy: ``exported`` stays the reference of the check
-    result = TorchExportResult(model=fold_result.model, exported=exported, fold=fold_result)
+    result = TorchExportResult(model=fold_result.model, exported=exported, fold=fold_result, exporter=exporter,
+                               exporter_note=exporter_note)
     if verify:
         from bnfold.check import DEFAULT_SEEDS
         from bnfold.check import verify as run_check
@@ -213,10 +220,12 @@ def fold_torch(
     module: torch.nn.Module | torch.jit.ScriptModule,
     example_inputs: Any,
     path: str | os.PathLike[str] | None = None,
-    opset: int = 17,
+    opset: int | None = None,
     verify: bool = True,
     *,
     dynamic_batch: bool = False,
+    dynamic_shapes: Any = None,
+    exporter: str = "auto",
     force: bool = False,
     rtol: float | None = None,
     atol: float | None = None,
@@ -224,14 +233,29 @@ def fold_torch(
 ) -> TorchExportResult:
     """One call for an export pipeline: export ``module`` to ONNX keeping BatchNorm, fold, verify, write.
 
-    ``module`` is an ``nn.Module`` or a ScriptModule, exported as it is (call ``.eval()`` first: a
-    BatchNorm in training mode is not folded). ``example_inputs`` is a tensor or a tuple of tensors.
-    With ``verify`` the folded model is checked against the export on onnxruntime; when that fails,
-    ``VerificationFailedError`` is raised (``.result`` holds this result) and nothing is written, unless
-    ``force``. ``path``: where to write the folded ONNX model.
+    ``module`` is an ``nn.Module``, an ``ExportedProgram`` or a ScriptModule, exported as it is (call
+    ``.eval()`` first: a BatchNorm in training mode is not folded). ``example_inputs`` is a tensor or a
+    tuple of tensors. ``exporter``: ``"auto"`` (default) uses ``torch.onnx.export(dynamo=True,
+    optimize=False)`` and falls back to the legacy exporter where dynamo cannot export the module;
+    ``"dynamo"`` or ``"legacy"`` use that one only (see :mod:`bnfold.torch.dynamo_export`); the result's
+    ``exporter`` says which ran. ``dynamic_shapes`` goes to the dynamo exporter as ``torch.export`` takes
+    it; ``dynamic_batch`` makes axis 0 of every input dynamic. ``opset``: 18 (dynamo) or 17 (legacy) by
+    default. With ``verify`` the folded model is checked against the export on onnxruntime; when that
+    fails, ``VerificationFailedError`` is raised (``.result`` holds this result) and nothing is written,
+    unless ``force``. ``path``: where to write the folded ONNX model.
     """
-    exported = export_keep_bn(module, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
-    return _fold_and_check(exported, path, verify, force, rtol, atol, seeds)
+    from bnfold.torch.dynamo_export import export_onnx
+
+    args = () if _is_program(module) else _as_tuple(example_inputs)
+    exported, used, why = export_onnx(module, args, exporter=exporter, opset=opset, dynamic_shapes=dynamic_shapes,
+                                      dynamic_batch=dynamic_batch)
+    return _fold_and_check(exported, path, verify, force, rtol, atol, seeds, used, why)
+
+
+def _is_program(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.export.ExportedProgram)
 
 
 def fold_torchscript_to_onnx(
