@@ -102,3 +102,27 @@ def test_bare_matmul_bias_add_is_left_alone_and_does_not_loop() -> None:
     result = bnfold.fold(model)
     assert result.folded == () and result.skipped == ()
     assert result.model.SerializeToString() == bnfold.fold(result.model).model.SerializeToString()
+
+
+def test_refuses_constant_that_broadcasts_the_channels_to_more() -> None:
+    inits = [tensor("W", np.ones((1, 3, 1, 1), np.float32)),
+             tensor("k", np.array([1.0, 2.0, 3.0], np.float32).reshape(3, 1, 1))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["t"]), helper.make_node("Mul", ["t", "k"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    result = bnfold.fold(model)  # a valid model: Conv's one channel is broadcast to three
+    assert result.folded == ()
+    assert [s.reason for s in result.skipped] == [
+        "constant 'k' of shape [3, 1, 1] has 3 values along the channel axis but the rank-4 output 't' of "
+        "Conv (output 't') has 1"]
+
+
+def test_refuses_legacy_broadcast_of_the_first_input() -> None:
+    inits = [tensor("W", np.ones((4, 3, 1, 1), np.float32)),
+             tensor("k", np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(4, 1, 1))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["t"]), helper.make_node("Mul", ["k", "t"], ["y"], broadcast=1)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, opset=6, ir_version=3)
+    result = bnfold.fold(model, check=False)
+    assert result.folded == ()
+    assert [s.reason for s in result.skipped] == ["Mul (output 'y') broadcasts its first input (legacy broadcast=1)"]
