@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
+from conftest import assert_arrays_close
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -515,15 +516,7 @@ def check_fold(case: FuzzCase, **options: object) -> FoldResult:
         assert pair.output in original_outputs, f"folded pair {pair} names no tensor of the original"
     expected = run_ort(model, case.feeds)
     got = run_ort(out, case.feeds)
-    names = [o.name for o in g.output]
-    for name, e, a in zip(names, expected, got, strict=True):
-        assert e.shape == a.shape and e.dtype == a.dtype, f"output {name!r}: {e.shape} vs {a.shape}"
-        e64, a64 = e.astype(np.float64), a.astype(np.float64)
-        assert np.array_equal(np.isfinite(e64), np.isfinite(a64)), f"output {name!r}: finiteness differs"
-        fin = np.isfinite(e64)
-        err = float(np.max(np.abs(e64[fin] - a64[fin]))) if fin.any() else 0.0
-        tol = 1.6e-4 * max(1.0, float(np.max(np.abs(e64[fin]))) if fin.any() else 1.0)
-        assert err <= tol, f"output {name!r}: max abs error {err:.3g} > tolerance {tol:.3g} ({result.folded})"
+    assert_arrays_close(expected, got, label=f"{result.folded}: ", names=[o.name for o in g.output])
     again = bnfold.fold(before, **options)  # type: ignore[arg-type]
     assert again.model.SerializeToString() == out.SerializeToString(), "fold is not deterministic"
     if result.folded:
