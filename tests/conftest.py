@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from onnx import helper, numpy_helper
 
+from bnfold.check.compare import Tolerances, compare_arrays
+
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
@@ -76,24 +78,24 @@ def runs_on_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> bool:
     return True
 
 
-def tolerance(dtype: np.dtype, reference: np.ndarray) -> float:
-    """Absolute tolerance scaled to the reference's magnitude and the dtype's precision."""
-    eps = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-11}
-    scale = max(1.0, float(np.max(np.abs(reference.astype(np.float64))))) if reference.size else 1.0
-    return eps.get(np.dtype(dtype), 2e-2) * scale * 8
+def assert_arrays_close(
+    expected: Sequence[np.ndarray], got: Sequence[np.ndarray], *, label: str = "", names: Sequence[str] = ()
+) -> None:
+    """Assert each array of ``got`` matches the one of ``expected`` (the reference) by the product's own rule
+    and tolerance table, ``bnfold.check.compare.compare_arrays`` with the default ``Tolerances`` (what
+    ``bnfold verify`` judges a fold by): same shape and dtype, same non-finite positions, and
+    ``|got - expected| <= atol + rtol * |expected|`` per element."""
+    assert len(expected) == len(got), f"{label}{len(expected)} outputs expected, got {len(got)}"
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        name = names[i] if i < len(names) else f"output {i}"
+        result = compare_arrays(name, np.asarray(e), np.asarray(g), Tolerances())
+        assert result.passed, f"{label}{name}: {result.reason}"
 
 
 def assert_same_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
-    expected = run_ort(original, feeds)
-    got = run_ort(folded, feeds)
-    assert len(expected) == len(got)
-    for e, g in zip(expected, got, strict=True):
-        assert e.shape == g.shape and e.dtype == g.dtype
-        e64, g64 = e.astype(np.float64), g.astype(np.float64)
-        assert np.array_equal(np.isfinite(e64), np.isfinite(g64))
-        err = float(np.max(np.abs(e64 - g64))) if e.size else 0.0
-        tol = tolerance(e.dtype, e)
-        assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
+    """Run both models on onnxruntime (optimizations off) and compare with ``assert_arrays_close``."""
+    names = [o.name for o in original.graph.output]
+    assert_arrays_close(run_ort(original, feeds), run_ort(folded, feeds), names=names)
 
 
 def ops(model: onnx.ModelProto) -> list[str]:

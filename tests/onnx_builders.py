@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 import onnx
-from conftest import make_model, run_ort, tensor, tolerance
+from conftest import assert_arrays_close, make_model, run_ort, tensor
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
@@ -136,8 +136,8 @@ def assert_fold_matches(
     model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, folded_by: str, check: bool = True
 ) -> FoldResult:
     """Fold ``model``; assert every BatchNormalization is gone (folded by rule ``folded_by``), the graph
-    contract is kept and the outputs match the original's on the same runtime within a tolerance scaled
-    to the output's magnitude and dtype."""
+    contract is kept and the outputs match the original's on the same runtime by the product's
+    tolerance table (``conftest.assert_arrays_close``)."""
     runtime = runtime_for(model, feeds)
     result = bnfold.fold(model, check=check)
     folded = result.model
@@ -150,11 +150,5 @@ def assert_fold_matches(
     ]
     expected = run_any(model, feeds, runtime)
     got = run_any(folded, feeds, runtime)
-    for e, g in zip(expected, got, strict=True):
-        assert e.shape == g.shape and e.dtype == g.dtype
-        e64, g64 = e.astype(np.float64), g.astype(np.float64)
-        assert np.array_equal(np.isfinite(e64), np.isfinite(g64))
-        err = float(np.max(np.abs(e64 - g64))) if e.size else 0.0
-        tol = tolerance(e.dtype, e)
-        assert err <= tol, f"{runtime}: max abs error {err:.3g} > tolerance {tol:.3g}"
+    assert_arrays_close(expected, got, label=f"{runtime}: ", names=[o.name for o in model.graph.output])
     return result

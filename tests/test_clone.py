@@ -175,3 +175,12 @@ def test_cli_no_clone_and_max_clone_bytes(tmp_path: Path, capsys: pytest.Capture
             reason = report["skipped"][0]["reason"]
             assert ("turned off" in reason) if "--no-clone" in flags else ("more than the 8 allowed" in reason)
         assert ops(onnx.load(dst)).count("Conv") == (2 if folded else 1)
+
+
+@pytest.mark.parametrize("kind", ["conv_transpose", "gemm", "matmul2"])
+def test_every_producer_refuses_a_clone_over_the_bound(kind: str) -> None:
+    model, _ = build(kind, 4, "bn", "output", 0)
+    [skip] = bnfold.fold(model, max_clone_bytes=0).skipped
+    assert "output 't' of " in skip.reason and "is also a graph output" in skip.reason
+    assert "a clone carrying the folded weights would add" in skip.reason
+    assert skip.reason.endswith("more than the 0 allowed (max_clone_bytes)")

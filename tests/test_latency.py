@@ -1,4 +1,4 @@
-"""Functional tests of bnfold.timing: structure, schedule, providers, gate, bootstrap. No timing asserts."""
+"""Functional tests of bnfold.timing: structure, schedule, gate, bootstrap, command line. No timing asserts."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from latency_models import CPU, CUDA, FAST, conv_model
+from onnx import TensorProto
 from rich.console import Console
 
 from bnfold.check import runtime
-from bnfold.errors import BadInputError, ExitCode, GateFailedError, MissingDependencyError
+from bnfold.errors import BadInputError, ExitCode, GateFailedError
 from bnfold.timing import (
     CUDA_UNAVAILABLE_NOTE,
     ConfigResult,
@@ -26,32 +27,8 @@ from bnfold.timing import (
     render_latency,
 )
 from bnfold.timing import measure as measure_mod
-from bnfold.timing import providers as prov
-from bnfold.timing import session as session_mod
 from bnfold.timing.inputs import InputSpec, plan_inputs
 from bnfold.timing.stats import bootstrap_ratio_ci, interleaved_schedule, split_runs, summarize
-
-CPU, CUDA = runtime.CPU, runtime.CUDA
-FAST: dict[str, Any] = {"runs": 6, "warmup": 1, "rounds": 3, "creations": 1, "threads": 1, "resamples": 200}
-
-
-def conv_model(bn: bool, *, batch: str | int = "N", input_name: str = "x") -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W")]
-    nodes = [helper.make_node("Conv", [input_name, "W"], ["c" if bn else "y"], pads=[1, 1, 1, 1])]
-    if bn:
-        for name in ("scale", "bias", "mean", "var"):
-            value = np.abs(rng.standard_normal(8)).astype(np.float32) + 0.1
-            inits.append(numpy_helper.from_array(value, name))
-        nodes.append(helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"]))
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 8, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +39,6 @@ def pair() -> dict[str, onnx.ModelProto]:
 @pytest.fixture(scope="module")
 def report(pair: dict[str, onnx.ModelProto]) -> LatencyReport:
     return latency(pair, batch=2, **FAST)
-
-
-# ------------------------------------------------------------------------------------------ structure
 
 
 def test_report_structure(report: LatencyReport) -> None:
@@ -165,9 +139,6 @@ def test_unloadable_model_is_bad_input() -> None:
         latency({"original": conv_model(True), "folded": broken}, **FAST)
 
 
-# ---------------------------------------------------------------------------------------- interleaving
-
-
 def test_schedule_alternates() -> None:
     assert interleaved_schedule(["a", "b"], 4) == (("a", "b"), ("b", "a"), ("a", "b"), ("b", "a"))
     assert interleaved_schedule(["a", "b", "c"], 2) == (("a", "b", "c"), ("c", "b", "a"))
@@ -207,33 +178,6 @@ def test_runs_are_interleaved_in_rounds(monkeypatch: pytest.MonkeyPatch, pair: d
     assert log == warm + timed
 
 
-# ------------------------------------------------------------------------------------------ providers
-
-
-def test_provider_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    probed: list[str] = []
-
-    def ok(p: str) -> None:
-        probed.append(p)
-
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CPU])
-    assert runtime.resolve_providers(None, ok) == ([CPU], [CUDA_UNAVAILABLE_NOTE])
-    assert probed == []
-    with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
-        runtime.resolve_providers(["cuda"], ok)
-    assert runtime.resolve_providers("cpu", ok) == ([CPU], [])
-
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
-    assert runtime.resolve_providers("auto", ok) == ([CPU, CUDA], [])
-    assert runtime.resolve_providers(["cuda", "CPUExecutionProvider", "cuda"], ok) == ([CUDA, CPU], [])
-    chosen, notes = runtime.resolve_providers(None, lambda p: "libcudnn.so.9: cannot open shared object file")
-    assert chosen == [CPU] and "libcudnn" in notes[0] and "ran on CPU only" in notes[0]
-    with pytest.raises(MissingDependencyError, match="libcudnn"):
-        runtime.resolve_providers(["cuda"], lambda p: "libcudnn missing")
-    with pytest.raises(ValueError, match="unknown execution provider"):
-        runtime.resolve_providers(["gpu"], ok)
-
-
 def test_cuda_listed_but_not_working_falls_back(
     monkeypatch: pytest.MonkeyPatch, pair: dict[str, onnx.ModelProto]
 ) -> None:
@@ -242,83 +186,6 @@ def test_cuda_listed_but_not_working_falls_back(
     rep = latency(pair, levels=["disable_all"], **FAST)
     assert rep.settings.providers == (CPU,)
     assert "could not run on it" in rep.notes[0] and "ran on CPU only" in rep.notes[0]
-
-
-def test_plan_configs() -> None:
-    cfgs = prov.plan_configs([CPU, CUDA], ["ORT_DISABLE_ALL", "enable_all"], include_copies=True)
-    assert [(c.provider, c.level, c.io, c.device) for c in cfgs] == [
-        (CPU, "disable_all", "bound", "cpu"),
-        (CPU, "enable_all", "bound", "cpu"),
-        (CUDA, "disable_all", "bound", "cuda"),
-        (CUDA, "disable_all", "copies", "cuda"),
-        (CUDA, "enable_all", "bound", "cuda"),
-        (CUDA, "enable_all", "copies", "cuda"),
-    ]
-    assert cfgs[3].label == "CUDA / disable_all / with copies" and cfgs[2].label == "CUDA / disable_all / I/O bound"
-    assert [c.io for c in prov.plan_configs([CUDA], ["basic"], io_binding=False)] == ["copies"]
-    assert runtime.normalize_level(onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) == "extended"
-    with pytest.raises(ValueError):
-        runtime.normalize_level("fast")
-
-
-class _FakeBinding:
-    def __init__(self, log: list[tuple[Any, ...]]) -> None:
-        self.log = log
-
-    def bind_ortvalue_input(self, name: str, value: Any) -> None:
-        self.log.append(("in", name, value))
-
-    def bind_output(self, name: str, device: str, device_id: int) -> None:
-        self.log.append(("out", name, device, device_id))
-
-    def synchronize_outputs(self) -> None:
-        self.log.append(("sync",))
-
-
-class _FakeSession:
-    def __init__(self) -> None:
-        self.log: list[tuple[Any, ...]] = []
-
-    def io_binding(self) -> _FakeBinding:
-        return _FakeBinding(self.log)
-
-    def get_outputs(self) -> list[Any]:
-        return [type("Out", (), {"name": "y"})()]
-
-    def run_with_iobinding(self, binding: _FakeBinding) -> None:
-        self.log.append(("run_with_iobinding",))
-
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> None:
-        self.log.append(("run", tuple(names), tuple(feeds)))
-
-
-def test_cuda_runner_binds_on_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[tuple[str, int]] = []
-
-    def fake_from_numpy(array: np.ndarray, device_type: str = "cpu", device_id: int = 0) -> str:
-        made.append((device_type, device_id))
-        return f"ortvalue@{device_type}:{device_id}"
-
-    monkeypatch.setattr(onnxruntime.OrtValue, "ortvalue_from_numpy", staticmethod(fake_from_numpy))
-    feeds = {"x": np.zeros((1, 3), np.float32)}
-    bound_cfg, copies_cfg = prov.plan_configs([CUDA], ["enable_all"], include_copies=True, device_id=1)
-    session = _FakeSession()
-    runner = measure_mod.make_runner(session, feeds, bound_cfg)  # type: ignore[arg-type]
-    runner()
-    assert made == [("cuda", 1)]
-    assert session.log == [
-        ("in", "x", "ortvalue@cuda:1"),
-        ("out", "y", "cuda", 1),
-        ("run_with_iobinding",),
-        ("sync",),
-    ]
-    session = _FakeSession()
-    measure_mod.make_runner(session, feeds, copies_cfg)()  # type: ignore[arg-type]
-    assert session.log == [("run", ("y",), ("x",))]
-    assert runtime.provider_chain(CUDA, session_mod.provider_options(bound_cfg)) == [(CUDA, {"device_id": "1"}), CPU]
-
-
-# ------------------------------------------------------------------------------------------ the gate
 
 
 def _synthetic(medians: dict[str, tuple[float, float]]) -> LatencyReport:
@@ -384,9 +251,6 @@ def test_gate_needs_two_models() -> None:
         only_base.gate(1.02)
 
 
-# ------------------------------------------------------------------------------------- stats, shapes
-
-
 def test_summarize() -> None:
     s = summarize(np.arange(1, 101, dtype=float))
     assert (s.n, s.median_ms, s.min_ms, s.max_ms, s.mean_ms) == (100, 50.5, 1.0, 100.0, 50.5)
@@ -436,9 +300,6 @@ def test_external_data_path(tmp_path: Any) -> None:
     onnx.save(conv_model(True), path, save_as_external_data=True, location="m.data", size_threshold=0)
     rep = latency({"original": path, "folded": conv_model(False)}, levels=["disable_all"], **FAST)
     assert rep.configs[0].models["original"].run.n == 6
-
-
-# ------------------------------------------------------------------------------------------------ CLI
 
 
 def _cli(args: list[str]) -> int:

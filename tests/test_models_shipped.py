@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import assert_arrays_close
 from onnx import helper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_resnet_mini_matches_torch() -> None:
     with torch.no_grad():
         expected = net(x).numpy()
     (got,) = _session(MODELS_DIR / "resnet_mini.onnx").run(None, {"input": x.numpy()})
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert_arrays_close([expected], [got])
 
 
 # ----------------------------------------------------------------------------------- nets built in code
@@ -224,7 +225,7 @@ def test_net_exports_with_bn_and_matches_torch(name: str) -> None:
     with torch.no_grad():
         expected = module(x).numpy()
     (got,) = nets.run_onnxruntime(model, {"input": x.numpy()})
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert_arrays_close([expected], [got])
 
 
 @pytest.mark.torch
@@ -268,4 +269,4 @@ def test_net_dynamo_export_keeps_bn(name: str) -> None:
     with torch.no_grad():
         expected = module(x).numpy()
     (got,) = nets.run_onnxruntime(model, {model.graph.input[0].name: x.numpy()})
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert_arrays_close([expected], [got])

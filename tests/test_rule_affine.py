@@ -1,6 +1,7 @@
 """Decomposed normalizations (Mul / Add / Sub / Div by constants) after a linear producer: folds proven
-on onnxruntime over generated producers, chains and constant shapes; one test per refusal; the
-broadcast-axis anchor (a ``[C]`` constant on an NCHW tensor with W == C is NOT per-channel)."""
+on onnxruntime over generated producers, chains and constant shapes; the broadcast-axis anchor (a ``[C]``
+constant on an NCHW tensor with W == C is NOT per-channel); chains across rounds and rule options.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from affine_cases import conv_then
 from conftest import assert_same_outputs, make_model, ops, tensor, with_output_shapes
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +22,11 @@ NP_TO_ONNX = {
     np.dtype(np.float64): TensorProto.DOUBLE,
     np.dtype(np.float16): TensorProto.FLOAT16,
 }
+
+
 PRODUCERS = ("conv1d", "conv2d", "conv3d", "conv_transpose", "gemm", "gemm_transb", "matmul2", "matmul3")
+
+
 STEPS = ("Mul", "Add", "SubR", "SubL", "Div")  # SubR: t - c, SubL: c - t
 
 
@@ -145,19 +151,6 @@ def test_chain_folds_into_producer_and_matches(case: dict[str, object]) -> None:
     assert_same_outputs(model, result.model, feeds)
 
 
-# ---- the broadcast-axis anchor -------------------------------------------------------------------------
-
-def conv_then(op: str, const: np.ndarray, width: int = 4, channels: int = 4) -> tuple[onnx.ModelProto, dict]:
-    rng = np.random.default_rng(3)
-    inits = [tensor("W", rng.standard_normal((channels, 2, 1, 1)).astype(np.float32)), tensor("k", const)]
-    nodes = [helper.make_node("Conv", ["x", "W"], ["t"], name="conv"),
-             helper.make_node(op, ["t", "k"], ["y"], name="norm")]
-    shape = [2, 2, 3, width]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return model, {"x": rng.standard_normal(shape).astype(np.float32)}
-
-
 def test_c_vector_on_nchw_with_w_equal_c_is_not_per_channel() -> None:
     const = np.array([0.5, 2.0, -1.0, 3.0], np.float32)  # [C] with W == C == 4: broadcasts along W
     for op in ("Mul", "Add"):
@@ -184,102 +177,6 @@ def test_scalar_and_all_ones_shapes_are_per_channel() -> None:
         assert ops(result.model) == ["Conv"]
         assert_same_outputs(model, result.model, feeds)
 
-
-# ---- refusals: one test each -------------------------------------------------------------------------
-
-def test_refuses_constant_varying_along_several_axes() -> None:
-    model, feeds = conv_then("Mul", np.random.default_rng(0).uniform(1, 2, (4, 3, 1)).astype(np.float32))
-    result = bnfold.fold(model)
-    assert result.folded == ()
-    [skip] = result.skipped
-    assert "varies along axes [1, 2]" in skip.reason and "not one value per channel" in skip.reason
-    assert_same_outputs(model, result.model, feeds)
-
-
-def test_refuses_constant_of_higher_rank() -> None:
-    model, feeds = conv_then("Add", np.ones((1, 1, 1, 1, 1), np.float32))
-    result = bnfold.fold(model)
-    [skip] = result.skipped
-    assert "more dimensions than the rank-4 output 't'" in skip.reason
-    assert_same_outputs(model, result.model, feeds)
-
-
-def test_refuses_division_by_zero() -> None:
-    model, _ = conv_then("Div", np.array([1.0, 0.0, 2.0, 4.0], np.float32).reshape(4, 1, 1))
-    result = bnfold.fold(model)
-    [skip] = result.skipped
-    assert "contains a zero" in skip.reason and "'k'" in skip.reason
-
-
-def test_refuses_fp16_overflow() -> None:
-    rng = np.random.default_rng(1)
-    inits = [tensor("W", rng.uniform(1, 2, (2, 2, 1, 1)).astype(np.float16)),
-             tensor("k", np.array([6e4, 1.0], np.float16).reshape(2, 1, 1))]
-    nodes = [helper.make_node("Conv", ["x", "W"], ["t"], name="conv"),
-             helper.make_node("Mul", ["t", "k"], ["y"], name="scale")]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 2, 2, 2])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], inits)
-    result = bnfold.fold(model)
-    [skip] = result.skipped
-    assert skip.op_type == "Mul" and "overflows float16" in skip.reason
-
-
-def test_refuses_legacy_axis_broadcast() -> None:
-    model, _ = conv_then("Mul", np.array([0.5, 2.0, -1.0, 3.0], np.float32))
-    model.opset_import[0].version = 6
-    model.graph.node[1].attribute.extend([helper.make_attribute("broadcast", 1), helper.make_attribute("axis", 1)])
-    result = bnfold.fold(model, check=False)
-    [skip] = result.skipped
-    assert "legacy broadcasting with an axis attribute" in skip.reason
-
-
-def test_refuses_channel_axis_that_is_not_the_producers() -> None:
-    rng = np.random.default_rng(2)
-    inits = [tensor("W", rng.standard_normal((3, 4)).astype(np.float32)),
-             tensor("k", rng.uniform(1, 2, (5, 1)).astype(np.float32))]
-    nodes = [helper.make_node("Gemm", ["x", "W"], ["t"], name="gemm"),
-             helper.make_node("Mul", ["t", "k"], ["y"], name="rows")]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 3])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    result = bnfold.fold(model)
-    [skip] = result.skipped
-    assert "broadcasts along axis 0" in skip.reason and "channel axis 1" in skip.reason
-    assert_same_outputs(model, result.model, {"x": rng.standard_normal((5, 3)).astype(np.float32)})
-
-
-def test_ordinary_mul_add_are_not_reported() -> None:
-    """Not after a linear producer, or by a run-time tensor: not a normalization, nothing to say."""
-    rng = np.random.default_rng(4)
-    inits = [tensor("W", rng.standard_normal((4, 2, 1, 1)).astype(np.float32)),
-             tensor("k", np.float32(2.0).reshape(()))]
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["t"], name="conv"),
-        helper.make_node("Relu", ["t"], ["r"], name="relu"),
-        helper.make_node("Mul", ["r", "k"], ["m"], name="after_relu"),
-        helper.make_node("Sigmoid", ["m"], ["g"], name="gate"),
-        helper.make_node("Mul", ["m", "g"], ["y"], name="runtime_mul"),
-        helper.make_node("Div", ["k", "y"], ["z"], name="reciprocal"),
-    ]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
-                       [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
-    result = bnfold.fold(model)
-    assert result.folded == () and result.skipped == ()
-    assert ops(result.model) == ops(model)
-
-
-def test_bare_matmul_bias_add_is_left_alone_and_does_not_loop() -> None:
-    rng = np.random.default_rng(5)
-    inits = [tensor("W", rng.standard_normal((3, 4)).astype(np.float32)),
-             tensor("b", rng.standard_normal(4).astype(np.float32))]
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 3])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    result = bnfold.fold(model)
-    assert result.folded == () and result.skipped == ()
-    assert result.model.SerializeToString() == bnfold.fold(result.model).model.SerializeToString()
-
-
-# ---- chains across rounds, options ---------------------------------------------------------------------
 
 def _bn(prefix: str, c: int, rng: np.random.Generator) -> list[onnx.TensorProto]:
     return [
@@ -372,61 +269,3 @@ def test_skip_and_only_select_the_affine_rule() -> None:
     assert ops(only.model) == ["Conv"]
     assert_same_outputs(model, only.model, feeds)
     assert bnfold.fold(model, only=["conv"]).folded == ()
-
-
-# ---- through layout ops (the layout rule proves the mapping) ---------------------------------------
-
-def conv_layout_then(layout: list[onnx.NodeProto], steps: list[tuple[str, np.ndarray]],
-                     extra: tuple[onnx.TensorProto, ...] = ()) -> tuple[onnx.ModelProto, dict]:
-    rng = np.random.default_rng(8)
-    inits = [tensor("W", rng.standard_normal((4, 2, 3, 3)).astype(np.float32)), *extra]
-    nodes = [helper.make_node("Conv", ["x", "W"], ["t"], name="conv", pads=[1, 1, 1, 1]), *layout]
-    cur = layout[-1].output[0]
-    for i, (op, const) in enumerate(steps):
-        inits.append(tensor(f"k{i}", const))
-        out = "y" if i == len(steps) - 1 else f"s{i}"
-        nodes.append(helper.make_node(op, [cur, f"k{i}"], [out], name=f"step{i}"))
-        cur = out
-    shape = [2, 2, 5, 3]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 3])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return model, {"x": rng.standard_normal(shape).astype(np.float32)}
-
-
-def test_c_vector_on_nhwc_after_transpose_is_per_channel() -> None:
-    """The same [C] constant that is refused on NCHW is the channel axis once a Transpose made it NHWC."""
-    rng = np.random.default_rng(9)
-    nhwc = helper.make_node("Transpose", ["t"], ["u"], perm=[0, 2, 3, 1], name="nhwc")
-    model, feeds = conv_layout_then([nhwc], [("Mul", rng.uniform(0.5, 2, 4).astype(np.float32)),
-                                             ("Add", rng.standard_normal(4).astype(np.float32))])
-    result = bnfold.fold(model)
-    assert ops(result.model) == ["Conv", "Transpose"]
-    assert [(p.rule, p.norm_op) for p in result.folded] == [("layout", "Mul+Add")]
-    assert_same_outputs(model, result.model, feeds)
-
-
-def test_scalar_after_reshape_folds_whatever_the_layout() -> None:
-    shape = tensor("target", np.array([0, 2, -1], np.int64))  # mixes channels: fine for one value
-    reshape = helper.make_node("Reshape", ["t", "target"], ["u"], name="reshape")
-    model, feeds = conv_layout_then([reshape], [("Mul", np.array(0.25, np.float32)),
-                                                ("Sub", np.array([1.5], np.float32))], (shape,))
-    result = bnfold.fold(model)
-    assert ops(result.model) == ["Conv", "Reshape"]
-    assert_same_outputs(model, result.model, feeds)
-
-
-def test_through_layout_a_constant_on_a_non_channel_axis_is_refused_by_layout() -> None:
-    identity = helper.make_node("Identity", ["t"], ["u"], name="identity")
-    model, feeds = conv_layout_then([identity], [("Mul", np.array([1.0, 2.0, 3.0], np.float32))])
-    result = bnfold.fold(model)
-    [skip] = result.skipped
-    assert skip.op_type == "Mul" and "maps to axis 3 of 't', not to the output channel axis 1" in skip.reason
-    assert_same_outputs(model, result.model, feeds)
-
-
-def test_through_layout_an_ordinary_broadcast_is_not_reported() -> None:
-    nhwc = helper.make_node("Transpose", ["t"], ["u"], perm=[0, 2, 3, 1], name="nhwc")
-    pos = np.random.default_rng(10).standard_normal((5, 3, 1)).astype(np.float32)  # a positional term
-    model, _ = conv_layout_then([nhwc], [("Add", pos)])
-    result = bnfold.fold(model)
-    assert result.folded == () and result.skipped == ()

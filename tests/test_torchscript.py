@@ -1,14 +1,12 @@
-"""TorchScript in, TorchScript or ONNX out (bnfold.torch).
+"""TorchScript in, TorchScript out (bnfold.torch): real architectures fold, inputs, errors, command line.
 
 Every fold is checked three ways: the BatchNorm count, the typed comparison the library returns, and an
 independent run of the written archive through plain ``torch.jit.load`` against the eager module in
-float64. Every refusal reason has its own module.
+float64.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +21,7 @@ from torch import nn  # noqa: E402
 from bnfold.check import Tolerances  # noqa: E402
 from bnfold.errors import BadInputError, MissingDependencyError, VerificationFailedError  # noqa: E402
 from bnfold.torch import (  # noqa: E402
-    count_batch_norms,
-    fold_torch,
     fold_torchscript,
-    fold_torchscript_to_onnx,
     is_torchscript,
     parse_shapes,
     torchscript_to_onnx,
@@ -39,39 +34,8 @@ pytestmark = [
 ]
 
 nets = pytest.importorskip("nets")
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def archive(module: torch.jit.ScriptModule) -> bytes:
-    buf = io.BytesIO()
-    torch.jit.save(module, buf)
-    return buf.getvalue()
-
-
-def to_script(module: nn.Module, shape: tuple[int, ...], how: str) -> torch.jit.ScriptModule:
-    if how == "script":
-        return torch.jit.script(module)
-    return torch.jit.trace(module, nets.example_input(shape, seed=1))
-
-
-def reference64(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return copy.deepcopy(module).double()(x.double())
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    return nets.randomize_bn(module, seed=3)
-
-
-def kinds(module: torch.jit.ScriptModule) -> list[str]:
-    g = module.graph.copy()
-    torch._C._jit_pass_inline(g)
-    return [n.kind() for n in g.nodes()]
-
-
-# --------------------------------------------------------------------------- real architectures fold
+from conftest import assert_arrays_close  # noqa: E402
+from ts_helpers import archive, kinds, randomize, reference64, to_script  # noqa: E402
 
 FOLDABLE = {
     # net: producer ops expected in the folded scripted graph
@@ -157,8 +121,8 @@ def test_conv_bn_bn_chain_and_exported_method() -> None:
     assert sorted(p.graph for p in result.folded) == ["", "", "features"]
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
-        assert torch.allclose(result.module.features(x), module.features(x), atol=1e-5)
-        assert torch.allclose(result.module(x), module(x), atol=1e-5)
+        assert_arrays_close([module.features(x).numpy(), module(x).numpy()],
+                            [result.module.features(x).numpy(), result.module(x).numpy()])
 
 
 def test_shared_conv_weight_two_bns_and_deterministic_output() -> None:
@@ -201,96 +165,7 @@ def test_bn_inside_control_flow_folds() -> None:
     assert result.bn_after == 0 and [p.graph for p in result.folded] == ["/block"]
     x = torch.randn(1, 3, 4, 4)
     with torch.no_grad():
-        assert torch.allclose(result.module(x, True), module(x, True), atol=1e-5)
-
-
-# -------------------------------------------------------------------------------------------- refusals
-
-
-class ConvBn(nn.Module):
-    def __init__(self, bn: nn.Module, reuse: bool = False) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = bn
-        self.conv2 = nn.Conv2d(4, 4, 1)
-        self.bn2 = nn.BatchNorm2d(4)  # always foldable: shows the refusal is local
-        self.reuse = reuse
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        z = self.bn(y)
-        if self.reuse:
-            z = z + y
-        return self.bn2(self.conv2(z))
-
-
-def _refusal(module: nn.Module, how: str) -> tuple[object, nn.Module]:
-    scripted = to_script(module, (2, 3, 6, 6), how)
-    return fold_torchscript(archive(scripted), shapes=[(2, 3, 6, 6)]), module
-
-
-@pytest.mark.parametrize("how", ["script", "trace"])
-def test_refuses_bn_in_training_mode(how: str) -> None:
-    module = randomize(ConvBn(nn.BatchNorm2d(4)))
-    module.bn.train()
-    result, _ = _refusal(module, how)
-    assert (result.bn_before, result.bn_after, len(result.folded)) == (2, 1, 1)
-    (skip,) = result.skipped
-    assert "training mode" in skip.reason and skip.op_type == "aten::batch_norm"
-    assert result.comparison.passed  # both use the batch statistics of the same input
-
-
-@pytest.mark.parametrize("how", ["script", "trace"])
-def test_refuses_bn_without_running_stats(how: str) -> None:
-    result, _ = _refusal(randomize(ConvBn(nn.BatchNorm2d(4, track_running_stats=False))), how)
-    assert (result.bn_after, len(result.folded)) == (1, 1)
-    assert "track_running_stats=False" in result.skipped[0].reason
-    assert result.comparison.passed
-
-
-@pytest.mark.parametrize("how", ["script", "trace"])
-def test_refuses_conv_whose_output_is_used_elsewhere(how: str) -> None:
-    result, module = _refusal(randomize(ConvBn(nn.BatchNorm2d(4), reuse=True)), how)
-    assert (result.bn_after, len(result.folded)) == (1, 1)
-    assert "also feeds aten::add" in result.skipped[0].reason
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        assert torch.allclose(result.module(x), module(x), atol=1e-5)
-
-
-def test_refuses_linear_on_3d_input() -> None:
-    """BatchNorm1d on [N, C, L] normalizes axis 1, not a Linear's feature axis (torch.jit.freeze folds it
-    anyway and is wrong by O(1) here)."""
-    module = randomize(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
-    result = fold_torchscript(archive(torch.jit.script(module)), shapes=[(4, 8, 8)])
-    assert (result.bn_after, result.folded) == (1, [])
-    assert "normalizes axis 1 of the output of aten::linear" in result.skipped[0].reason
-    assert result.comparison.passed and result.comparison.worst.max_abs == 0.0
-
-
-def test_refuses_fp16_overflow() -> None:
-    module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
-    with torch.no_grad():
-        module[0].weight.fill_(100.0)
-        module[1].weight.fill_(1000.0)
-        module[1].running_var.fill_(1e-3)
-    module = module.half()
-    result = fold_torchscript(archive(torch.jit.script(module)), shapes=[(1, 3, 2, 2)], verify=False)
-    assert (result.bn_after, result.folded) == (1, [])
-    assert "overflows float16" in result.skipped[0].reason
-
-
-def test_module_saved_in_training_mode() -> None:
-    module = nets.NETS["resnet_basic"]()[0].train()
-    data = archive(torch.jit.script(module))
-    result = fold_torchscript(data, shapes=[(1, 3, 16, 16)])
-    assert (result.bn_before, result.bn_after, result.folded, result.archive) == (6, 6, [], data)
-    assert all("saved in training mode" in s.reason and "--eval" in s.reason for s in result.skipped)
-    folded = fold_torchscript(data, shapes=[(1, 3, 16, 16)], eval_mode=True)
-    assert (folded.bn_after, len(folded.folded), folded.comparison.passed) == (0, 6, True)
-
-
-# ------------------------------------------------------------------------------ inputs, errors, extras
+        assert_arrays_close([module(x, True).numpy()], [result.module(x, True).numpy()])
 
 
 def test_shapes_inferred_named_and_wrong() -> None:
@@ -368,62 +243,6 @@ def test_without_torch_a_clear_message(monkeypatch: pytest.MonkeyPatch, tmp_path
         fold_torchscript(tmp_path / "model.pt")
     with pytest.raises(MissingDependencyError):
         torchscript_to_onnx(tmp_path / "model.pt", [(1, 3, 8, 8)])
-
-
-# -------------------------------------------------------------------------------------------- ONNX out
-
-
-def test_torchscript_to_onnx_keeps_inference_bn() -> None:
-    module, shape = nets.NETS["decoder_convtranspose"]()
-    model = torchscript_to_onnx(archive(torch.jit.script(module)), [shape])
-    bns = nets.bn_nodes(model)
-    assert len(bns) == 3
-    for node in bns:
-        assert len(node.output) == 1
-        assert all(a.name != "training_mode" or a.i == 0 for a in node.attribute)
-    assert [i.name for i in model.graph.input] == ["input"]
-
-
-@pytest.mark.parametrize("how", ["script", "trace"])
-def test_torchscript_to_folded_onnx(how: str, tmp_path: Path) -> None:
-    module, shape = nets.NETS["resnet_basic"]()
-    dst = tmp_path / "out.onnx"
-    result = fold_torchscript_to_onnx(archive(to_script(module, shape, how)), dst, shapes=[shape])
-    assert (result.fold.bn_before, result.fold.bn_after, len(result.folded)) == (6, 0, 6)
-    assert result.comparison is not None and result.comparison.passed
-    written = onnx.load(str(dst))
-    assert not nets.bn_nodes(written)
-    x = nets.example_input(shape, seed=5)
-    (got,) = nets.run_onnxruntime(written, {"input": x.numpy()})
-    ref = reference64(module, x).numpy()
-    assert np.abs(got - ref).max() < 2e-5 * max(1.0, np.abs(ref).max())
-
-
-@pytest.mark.parametrize("name", ["conv1d_net", "mlp_bn1d", "decoder_convtranspose"])
-def test_fold_torch_one_call(name: str, tmp_path: Path) -> None:
-    """nn.Module -> ONNX (BatchNormalization kept) -> Conv / Gemm+MatMul / grouped ConvTranspose folds."""
-    module, shape = nets.NETS[name]()
-    n_bn = nets.count_bn_modules(module)
-    x = nets.example_input(shape)
-    result = fold_torch(module, x, tmp_path / "m.onnx")
-    assert isinstance(result.model, onnx.ModelProto) and result.path == str(tmp_path / "m.onnx")
-    assert (result.fold.bn_before, result.fold.bn_after, len(result.folded)) == (n_bn, 0, n_bn)
-    assert result.comparison is not None and result.comparison.passed
-    assert len(nets.bn_nodes(result.exported)) == n_bn and not nets.bn_nodes(result.model)
-    written = onnx.load(str(tmp_path / "m.onnx"))
-    (got,) = nets.run_onnxruntime(written, {"input": x.numpy()})
-    ref = reference64(module, x).numpy()
-    assert np.abs(got - ref).max() < 2e-6 * max(1.0, np.abs(ref).max())
-
-
-def test_fold_torch_takes_a_script_module() -> None:
-    module, shape = nets.NETS["resnet_basic"]()
-    scripted = torch.jit.script(module)
-    assert count_batch_norms(scripted) == 6
-    assert fold_torch(scripted, nets.example_input(shape), verify=False).fold.bn_after == 0
-
-
-# ------------------------------------------------------------------------------------------------- CLI
 
 
 def _cli(args: list[str]) -> int:
