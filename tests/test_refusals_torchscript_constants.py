@@ -131,8 +131,6 @@ class ExtraOutputUsed(_ConvBn):
         return out + mean.sum()
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="jit_fold._match calls Value.hasUses(), which torch._C.Value does not have")
 def test_refuses_bn_whose_extra_output_is_used() -> None:
     result = fold_torchscript(archive(torch.jit.script(ExtraOutputUsed().eval())), verify=False)
     assert len(result.skipped) == 1 and "its extra output %" in result.skipped[0].reason
@@ -143,9 +141,6 @@ class GroupsComputedOnTheInput(GroupsComputed):
         return self.bn(F.conv_transpose2d(x, self.w, self.b, 1, 0, 0, x.size(1) // 3))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bnfold.torch.inputs._infer_one calls int() on a non-constant `groups` (None), even "
-                   "when the shapes are given")
 def test_refuses_non_constant_groups_of_the_first_layer() -> None:
     data = archive(torch.jit.script(GroupsComputedOnTheInput().eval()))
     result = fold_torchscript(data, verify=False, shapes=[(2, 3, 4, 4)])

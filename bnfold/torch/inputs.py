@@ -111,12 +111,17 @@ def _infer_one(value: Any) -> tuple[tuple[int, ...], Any] | None:
         if kind == "aten::linear":
             return (2, int(w.shape[1])), w.dtype
         transposed = "transpose" in kind
-        groups = 1
+        flags: list[object] = []
         if kind in {"aten::_convolution", "aten::convolution"}:
-            transposed = bool(user.inputsAt(6).toIValue())
-            groups = int(user.inputsAt(8).toIValue())
+            flags = [user.inputsAt(6).toIValue(), user.inputsAt(8).toIValue()]
         elif transposed:
-            groups = int(user.inputsAt(6).toIValue())
+            flags = [True, user.inputsAt(6).toIValue()]
+        if any(f is None for f in flags):
+            continue  # ``transposed`` or ``groups`` computed at run time: no shape follows from this weight
+        if flags:
+            transposed, groups = bool(flags[0]), int(flags[1])  # type: ignore[call-overload]
+        else:
+            groups = 1
         c_in = int(w.shape[0]) if transposed else int(w.shape[1]) * groups
         spatial = w.dim() - 2
         side = 16 if spatial >= 3 else 32

@@ -137,7 +137,7 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
     ok_e, eps = const(inputs[layout.eps])
     if not ok_e or not isinstance(eps, float | int):
         return skip("its eps is not a constant")
-    extra = [o for o in list(node.outputs())[1:] if o.hasUses()]
+    extra = [o for o in list(node.outputs())[1:] if o.uses()]
     if extra:
         return skip(f"its extra output %{extra[0].debugName()} is used")
     channels = mean.numel()
