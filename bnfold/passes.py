@@ -27,9 +27,10 @@ from bnfold.graph import GraphView, subgraphs, used_names
 from bnfold.nodes import is_op
 from bnfold.onnx_io import NameAllocator, StagedModel, checkable_copy
 from bnfold.results import FoldedPair
-from bnfold.rules import PRODUCER_RULES, affine, select_rules
+from bnfold.rules import PRODUCER_RULES, affine, constants, select_rules
 from bnfold.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
 from bnfold.rules.batchnorm import NEVER_FOLDABLE, bn_norm
+from bnfold.rules.blockers import forward_blocker
 from bnfold.tensor_store import TensorStore
 
 __all__ = ["FoldOptions", "FoldResult", "FoldedPair", "Skip", "count_nodes", "fold_in_place", "fold_onnx"]
@@ -172,6 +173,10 @@ def _fold_graph(
     store: TensorStore | None = None,
 ) -> None:
     keep = _spiller(store)
+    if constants in rules:  # weights computed from constants become initializers before any matching
+        result.folded.extend(constants.materialize(
+            GraphView(graph, parent=parent, path=path, opset=names.opset,
+                      initializers_as_constants=options.initializers_as_constants, data=store), orphans))
     while True:
         view = GraphView(graph, parent=parent, path=path, opset=names.opset,
                          initializers_as_constants=options.initializers_as_constants, data=store)
@@ -205,6 +210,10 @@ def _spiller(store: TensorStore | None) -> Callable[[Fold], Fold]:
 
     return spill
 
+
+_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Deterministic ops a fold may leave unread (the original of a clone whose other readers only took its
+shape, as the dynamo exporter's ``Shape(conv_out)`` for a computed BN scale): removed like pure ops."""
 
 _MALFORMED = (ArithmeticError, ValueError, IndexError, KeyError, TypeError)
 """What reading a malformed node can raise. Matching only reads, so turning these into a refusal is safe."""
@@ -277,7 +286,8 @@ def _match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
             f"with constant weights that the enabled rules ({', '.join(r.NAME for r in ctx.rules) or 'none'}) "
             f"fold into ({_PRODUCERS})"
         )
-    return ctx.skip(norm.output, norm.op_type, reason)
+    blocker = forward_blocker(ctx, norm)
+    return ctx.skip(norm.output, norm.op_type, f"{reason}; {blocker}" if blocker else reason)
 
 
 def _never_foldable(view: GraphView) -> Iterator[Skip]:
@@ -368,7 +378,7 @@ def _remove_dead_nodes(graph: onnx.GraphProto, candidates: set[str]) -> None:
         for idx in range(len(graph.node) - 1, -1, -1):
             node = graph.node[idx]
             outs = [o for o in node.output if o]
-            if idx in dead or not outs or not (is_op(node, "Constant") or is_pure(node)):
+            if idx in dead or not outs or not (is_op(node, "Constant") or is_pure(node) or is_op(node, _LINEAR)):
                 continue
             if any(readers[o] for o in outs):
                 continue

@@ -30,7 +30,17 @@ import onnx
 
 from bnfold.folding import Affine, RoundingError
 from bnfold.nodes import attr, is_op
-from bnfold.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip, copy_node, new_tensor, rounding_skip
+from bnfold.rules.base import (
+    FLOAT_TYPES,
+    Fold,
+    FoldContext,
+    Norm,
+    Skip,
+    by_blocking,
+    copy_node,
+    new_tensor,
+    rounding_skip,
+)
 from bnfold.rules.producers import linear_producer
 from bnfold.rules.shapes import shape_of
 
@@ -115,7 +125,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     into = f"fold into the following {view.describe(convs[0])}"
     if view.is_graph_output(out):
         return skip(f"cannot {into}: '{out}' is also a graph output, so it must keep its values")
-    others = [i for i in consumers if i not in convs]
+    others = by_blocking(view, out, [i for i in consumers if i not in convs])
     if others:
         return skip(f"cannot {into}: '{out}' also feeds {view.describe(others[0])}, which is not a Conv")
     if norm.channel_axis != 1:
