@@ -54,7 +54,8 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     others = by_blocking(view, norm.input, [i for i in view.consumers_of(norm.input) if i not in norm.nodes])
     if others:
         return skip(f"its output '{norm.input}' also feeds {view.describe(others[0])}")
-    out_shape = shape_of(view, norm.input)
+    out_shape = shape_of(view, norm.input) or next(
+        (sh for sh in (shape_of(view, t) for t in node.input if t) if sh is not None), None)
     axis = int(attr(node, "axis", 1))
     if axis < 0:
         if out_shape is None:
@@ -100,7 +101,9 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         axis_for = 1
         if prod is not None and prod.channel_axis == 1:
             axis_for = prod.norm_axis
-        virtual = Norm(nodes=(cat,), input=t, output=fresh, affine=part, channel_axis=axis_for,
+        # written as if the Concat were this part's normalization (the producer rules check that the
+        # normalization's output is written by one of its nodes); the output is renamed to ``fresh`` below
+        virtual = Norm(nodes=(cat,), input=t, output=norm.input, affine=part, channel_axis=axis_for,
                        op_type=norm.op_type)
         outcome = delegate(ctx, virtual, ctx.producer_rules) if prod is not None else layout.match(ctx, virtual)
         if outcome is None:
@@ -111,9 +114,9 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         if sub_touched & touched:
             return skip(f"{which} shares a node with another input's fold")
         touched |= sub_touched
-        replace.update({k: v for k, v in outcome.replace.items() if k != cat})
+        replace.update({k: _renamed(v, norm.input, fresh) for k, v in outcome.replace.items() if k != cat})
         for k, v in outcome.insert_before.items():
-            before[k] = (*before.get(k, ()), *v)
+            before[k] = (*before.get(k, ()), *(_renamed(n, norm.input, fresh) for n in v))
         remove |= set(outcome.remove) - {cat}
         tensors += outcome.tensors
         inputs[i] = fresh
@@ -125,3 +128,10 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     replace[cat] = copy_node(node, inputs=inputs, outputs=[norm.output])
     return Fold(rule=NAME, producer_op=producer_op, norm=norm, replace=replace, remove=tuple(sorted(remove)),
                 tensors=tuple(tensors), insert_before=before)
+
+
+def _renamed(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
+    """``node`` writing ``new`` where it wrote ``old``."""
+    if old not in node.output:
+        return node
+    return copy_node(node, outputs=[new if o == old else o for o in node.output])
