@@ -210,3 +210,14 @@ def test_refuses_feature_count_mismatch() -> None:
     inits = [*_bn_inits(rng, 4), tensor("B", rng.standard_normal((3, 3)).astype(np.float32))]
     model = _model([2, 4], [helper.make_node("Gemm", ["y", "B"], ["z"], name="fc")], inits)
     assert "Gemm 'fc' has 3 input features but the normalization gives 4" in _skip(model)
+
+
+def test_bn_relu_conv_names_the_relu() -> None:
+    """No producer to fold into, and the ReLU between the BN and the Conv blocks the forward fold."""
+    rng = np.random.default_rng(12)
+    inits = [*_bn_inits(rng, 4), tensor("w", rng.standard_normal((2, 4, 1, 1)).astype(np.float32))]
+    nodes = [helper.make_node("Relu", ["y"], ["a"], name="act"),
+             helper.make_node("Conv", ["a", "w"], ["z"], name="conv")]
+    reason = _skip(_model([1, 4, 3, 3], nodes, inits))
+    assert "its input 'x' is a graph input" in reason
+    assert "its output 'y' goes to Relu 'act' between it and Conv 'conv'" in reason

@@ -174,3 +174,16 @@ def test_refuses_graph_input_with_a_non_identity_part() -> None:
     assert bn.input[1] == "gamma"
     reason = _skip(model)
     assert "Concat input 1 'x' is a graph input, not a linear producer" in reason
+
+
+def test_refusal_names_the_value_reader_not_a_castlike() -> None:
+    """A producer output read by a CastLike (for its element type only) and by a residual Add: the
+    refusal names the Add, what actually needs the unnormalized values."""
+    zero = helper.make_node("Constant", [], ["zero"], name="zero", value=helper.make_tensor("", TensorProto.FLOAT,
+                                                                                            [], [0.0]))
+    extra = [zero, helper.make_node("CastLike", ["zero", "t1"], ["zl"], name="castlike"),
+             helper.make_node("Add", ["t1", "zl"], ["res"], name="residual")]
+    model = _mixed(np.random.default_rng(11), 4, [(2, 3, 1), (3, 1, 1)], extra=extra, outputs=("z", "res"))
+    result = bnfold.fold(model, clone=False, check=False)
+    reason = result.skipped[0].reason
+    assert "also feeds Add 'residual' and 1 more" in reason and "CastLike" not in reason

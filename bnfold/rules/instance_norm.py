@@ -38,11 +38,10 @@ NAME = "instance_norm"
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     view = ctx.view
-    found = layout.walk_back(view, norm.input)
-    if found is None or norm.channel_axis != 1:
+    merge = view.producer_of(norm.input)
+    if merge is None or norm.channel_axis != 1:
         return None
-    chain, t, prod = found
-    last = view.node(chain[-1])
+    last = view.node(merge)
     if not is_op(last, "Reshape") or last.output[0] != norm.input:
         return None
     xs = shape_of(view, last.input[0])
@@ -53,7 +52,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     if n is None or c is None or n < 2 or ys[1].value != n * c or product(xs[2:]) != product(ys[2:]):
         return None  # not the batch-into-channels reshape: the layout rule says why
     # the tiled form: from here on, every refusal is this rule's own
-    desc = view.describe(chain[-1])
+    desc = view.describe(merge)
 
     def skip(reason: str) -> Skip:
         return ctx.skip(norm.output, norm.op_type, f"{norm.op_type} normalizes the batch-merged channels of "
@@ -66,6 +65,13 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     if not (np.array_equal(scale, np.broadcast_to(scale[0], scale.shape))
             and np.array_equal(shift, np.broadcast_to(shift[0], shift.shape))):
         return skip("its statistics differ between batch elements, so no weight can hold the map")
+    found = layout.walk_back(view, norm.input)
+    if found is None:
+        src = view.producer_of(last.input[0])
+        where = "a graph input" if src is None else view.describe(src)
+        return skip(f"its input '{last.input[0]}' comes from {where}, not a linear producer (Conv, "
+                    "ConvTranspose, Gemm, MatMul) to fold into")
+    chain, t, prod = found
     if len(chain) > 1:
         return skip("the layout ops before the Reshape are not supported")
     if prod.channel_axis != 1:
