@@ -231,3 +231,49 @@ def test_bn_after_refused_weight_names_the_cause(monkeypatch: pytest.MonkeyPatch
     result = bnfold.fold(model, check=False)
     assert len(result.skipped) == 1
     assert "more than the 64 bnfold evaluates at fold time" in result.skipped[0].reason
+
+
+# -- BN parameters computed from constants (the dynamo exporter's affine=False BN) ------------------------
+
+
+def test_dynamo_affine_false_bn_folds() -> None:
+    """``BatchNorm2d(affine=False)``: dynamo writes the scale as ``Expand(CastLike(1.0), Shape(conv)[1:2])``."""
+    module = _seeded(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)))
+    model = export_dynamo(module, (1, 3, 8, 8))
+    assert "Expand" in ops(model)
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    assert [f.rule for f in result.folded] == ["conv"]
+    assert_same_outputs(model, result.model, _feeds(model))
+
+
+def _expand_scale_model(batch: int | str, channel_dims: bool = True) -> onnx.ModelProto:
+    rng = np.random.default_rng(7)
+    inits = [tensor("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)),
+             tensor("one", np.array([1.0], np.float32)),
+             tensor("beta", rng.normal(size=4).astype(np.float32)),
+             tensor("mean", rng.normal(size=4).astype(np.float32)),
+             tensor("var", rng.uniform(0.5, 2, 4).astype(np.float32))]
+    shape = helper.make_node("Shape", ["t"], ["c"], name="shape", start=1, end=2) if channel_dims else \
+        helper.make_node("Shape", ["t"], ["c"], name="shape", start=0, end=1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"], name="conv"), shape,
+             helper.make_node("Expand", ["one", "c"], ["gamma"], name="expand"),
+             helper.make_node("BatchNormalization", ["t", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 4, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, opset=18)
+
+
+def test_expand_scale_with_dynamic_batch_folds() -> None:
+    """Only the channel count is read, and the weight fixes it: a symbolic batch does not matter."""
+    model = _expand_scale_model("N")
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
+
+
+def test_expand_scale_reading_a_dynamic_dimension_is_refused() -> None:
+    model = _expand_scale_model("N", channel_dims=False)
+    result = bnfold.fold(model, check=False)
+    assert result.folded == []
+    assert "BatchNormalization scale 'gamma' is computed at run time by Expand 'expand'" in result.skipped[0].reason
