@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold.results import FoldedPair, Skip
+from bnfold.torch_.forward import plan_forward
 from bnfold.torch_.ir import const, describe, floating, other_uses, walk
 from bnfold.torch_.producers import PRODUCERS, BnStats, Plan, plan_fold
 
@@ -146,11 +147,12 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
 
     # Walk up through layout-only steps, tracking which axis of each value BatchNorm's axis 1 is.
     rank = ranks.get(inputs[layout.input].unique())
+    stats = BnStats(gamma=gamma, beta=beta, mean=mean, var=var, eps=float(eps))
     axis, value, reader = 1, inputs[layout.input], node
     while True:
         bad_use = other_uses(value, reader)
         if bad_use:
-            return skip(bad_use)
+            return _or_forward(node, stats, rank, skip, graph_label, bad_use)
         producer = value.node()
         if producer.kind() not in _LAYOUT_OPS:
             break
@@ -162,9 +164,25 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
     pkind = producer.kind()
     if pkind not in PRODUCERS:
         source = "a graph input" if pkind == "prim::Param" else describe(producer)
-        return skip(f"its input comes from {source}, not from a Conv, ConvTranspose or Linear")
-    stats = BnStats(gamma=gamma, beta=beta, mean=mean, var=var, eps=float(eps))
+        return _or_forward(node, stats, rank, skip, graph_label,
+                           f"its input comes from {source}, not from a Conv, ConvTranspose or Linear")
     return plan_fold(node, producer, stats, axis, rank, skip, graph_label)
+
+
+def _or_forward(
+    node: Any, stats: BnStats, rank: int | None, skip: Callable[[str], Skip], graph_label: str, why: str
+) -> Plan | Skip:
+    """No backward fold (``why``): the forward fold into the Linear / convolution after it, else the Skip."""
+    forward = plan_forward(node, stats, rank, skip, graph_label)
+    if isinstance(forward, Plan):
+        return forward
+    if isinstance(forward, Skip):
+        return skip(f"{why}; {forward.reason.split(': ', 1)[-1]}")
+    users = [u.user for u in node.outputsAt(0).uses() if u.user.kind() != "prim::Return"]
+    if users:
+        return skip(f"{why}; no forward fold either: its output goes to {describe(users[0])}, not a Linear "
+                    "or convolution it could be folded into")
+    return skip(why)
 
 
 def _map_axis(step: Any, axis: int, rank: int | None) -> int | None:
@@ -220,7 +238,12 @@ def fold_graph(graph: Any, *, label: str = "", probe: RankProbe | None = None) -
         skipped = [r for r in results if isinstance(r, Skip)]
         if not plans:
             break
+        rewritten: set[int] = set()
         for plan in plans:  # decided above; applying cannot fail
+            key = plan.producer.outputsAt(0).unique()
+            if key in rewritten:  # a forward and a backward fold into one node: the next round
+                continue
+            rewritten.add(key)
             _apply(graph, plan)
             folded.append(plan.record)
             log.debug("folded %s into %s", plan.record.output, plan.record.producer_op)

@@ -1,0 +1,84 @@
+"""TorchScript parity for the forward folds: BN -> Linear ([N, C] only) and BN -> unpadded convolution,
+folded with the ONNX rules' math, verified by bnfold against the original archive; refusals say why."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+from nets import randomize_bn  # noqa: E402
+
+from bnfold.torchscript import fold_torchscript  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # torch.jit.*
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+class _Around(nn.Module):
+    """BN0 -> Conv -> BN1: a forward and a backward fold into the same Conv, in two rounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(self.bn0(x)))
+
+
+def _fold(tmp_path: Path, build: Callable[[], nn.Module], shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    module = randomize_bn(build())
+    src = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(module), str(src))
+    return fold_torchscript(src, tmp_path / "m.folded.pt", shapes=[shape])  # verified against the original
+
+
+def test_bn_then_linear(tmp_path: Path) -> None:
+    result = _fold(tmp_path, _Head, (4, 8))
+    assert [(f.rule, f.producer_op) for f in result.folded] == [("bn_gemm", "aten::linear")]
+    assert result.skipped == []
+
+
+def test_bn_then_unpadded_conv(tmp_path: Path) -> None:
+    result = _fold(tmp_path, lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, groups=3)), (1, 3, 7, 7))
+    assert [(f.rule, f.producer_op) for f in result.folded] == [("bn_conv", "aten::conv2d")]
+
+
+def test_forward_and_backward_into_one_conv(tmp_path: Path) -> None:
+    result = _fold(tmp_path, _Around, (2, 3, 5, 5))
+    assert sorted(f.rule for f in result.folded) == ["bn_conv", "conv"]
+
+
+def test_refuses_padded_conv(tmp_path: Path) -> None:
+    result = _fold(tmp_path, lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), (1, 3, 6, 6))
+    assert result.folded == []
+    assert "pads its input (padding=[1, 1])" in result.skipped[0].reason
+
+
+def test_refuses_linear_on_tokens(tmp_path: Path) -> None:
+    result = _fold(tmp_path, lambda: nn.Sequential(nn.BatchNorm1d(3), nn.Linear(8, 4)), (2, 3, 8))
+    assert result.folded == []
+    assert "the BatchNorm input's rank is 3, not 2" in result.skipped[0].reason
+
+
+def test_relu_between_is_named(tmp_path: Path) -> None:
+    result = _fold(tmp_path, lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1)), (1, 3, 6, 6))
+    assert result.folded == []
+    reason = result.skipped[0].reason
+    assert "no forward fold either: its output goes to aten::relu" in reason
