@@ -82,3 +82,37 @@ def test_relu_between_is_named(tmp_path: Path) -> None:
     assert result.folded == []
     reason = result.skipped[0].reason
     assert "no forward fold either: its output goes to aten::relu" in reason
+
+
+class _Tokens(nn.Module):
+    """LeViT-style: Linear on [B, T, C] tokens, BatchNorm1d over ``flatten(0, 1)``, reshaped back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def test_linear_on_tokens_then_flatten_bn(tmp_path: Path) -> None:
+    result = _fold(tmp_path, _Tokens, (2, 5, 6))
+    assert [(f.rule, f.producer_op) for f in result.folded] == [("linear", "aten::linear")]
+
+
+class _FlattenMixes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x).flatten(1, 2))
+
+
+def test_refuses_flatten_that_merges_the_channels(tmp_path: Path) -> None:
+    result = _fold(tmp_path, lambda: _FlattenMixes(), (2, 3, 1, 5))
+    assert result.folded == []
+    assert "merges its channel axis 1 with other axes" in result.skipped[0].reason

@@ -74,7 +74,7 @@ _BN_OPS: dict[str, _BnLayout] = {
 BN_KINDS = frozenset(_BN_OPS)
 
 
-_LAYOUT_OPS = frozenset({"aten::transpose", "aten::permute", "aten::contiguous"})
+_LAYOUT_OPS = frozenset({"aten::transpose", "aten::permute", "aten::contiguous", "aten::flatten"})
 
 
 @dataclass
@@ -156,7 +156,13 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
         producer = value.node()
         if producer.kind() not in _LAYOUT_OPS:
             break
-        mapped = _map_axis(producer, axis, rank)
+        if producer.kind() == "aten::flatten":
+            flat = _map_flatten(producer, axis, rank)
+            if isinstance(flat, str):
+                return skip(flat)
+            (mapped, rank) = flat
+        else:
+            mapped = _map_axis(producer, axis, rank)
         if mapped is None:
             return skip(f"cannot map its channel axis through {describe(producer)} (rank unknown)")
         axis, value, reader = mapped, producer.inputsAt(0), producer
@@ -183,6 +189,19 @@ def _or_forward(
         return skip(f"{why}; no forward fold either: its output goes to {describe(users[0])}, not a Linear "
                     "or convolution it could be folded into")
     return skip(why)
+
+
+def _map_flatten(step: Any, axis: int, rank: int | None) -> tuple[int, int | None] | str:
+    """``aten::flatten(x, start, end)`` (LeViT's ``x.flatten(0, 1)`` before a BatchNorm1d): the input axis
+    that output ``axis`` is, and the input's rank; a phrase when the channel axis would be merged."""
+    ok_s, start = const(step.inputsAt(1))
+    ok_e, end = const(step.inputsAt(2))
+    if not (ok_s and ok_e and isinstance(start, int) and isinstance(end, int)) or start < 0 or end < 0:
+        return f"cannot map its channel axis through {describe(step)} (non-constant or negative dims)"
+    merged = end - start
+    if axis == start and merged > 0:
+        return f"{describe(step)} merges its channel axis {axis} with other axes"
+    return (axis if axis < start else axis + merged), (rank + merged if rank is not None else None)
 
 
 def _map_axis(step: Any, axis: int, rank: int | None) -> int | None:
