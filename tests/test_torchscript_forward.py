@@ -46,7 +46,7 @@ def _fold(tmp_path: Path, build: Callable[[], nn.Module], shape: tuple[int, ...]
     module = randomize_bn(build())
     src = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(module), str(src))
-    return fold_torchscript(src, tmp_path / "m.folded.pt", shapes=[shape])  # verified against the original
+    return fold_torchscript(src, tmp_path / "m.folded.pt", shapes=[shape], seeds=[0])  # verified
 
 
 def test_bn_then_linear(tmp_path: Path) -> None:
@@ -116,3 +116,27 @@ def test_refuses_flatten_that_merges_the_channels(tmp_path: Path) -> None:
     result = _fold(tmp_path, lambda: _FlattenMixes(), (2, 3, 1, 5))
     assert result.folded == []
     assert "merges its channel axis 1 with other axes" in result.skipped[0].reason
+
+
+def test_scripted_parametrized_weight_norm_gets_a_one_line_cause(tmp_path: Path) -> None:
+    """torch scripts a parametrized module but cannot run it: the message says why and what to do."""
+    import bnfold.errors
+
+    module = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(3, 4, 3)), nn.BatchNorm1d(4)).eval()
+    src = tmp_path / "wn.pt"
+    torch.jit.save(torch.jit.script(module), str(src))
+    with pytest.raises(bnfold.errors.BadInputError) as info:
+        fold_torchscript(src, tmp_path / "wn.folded.pt", shapes=[(1, 3, 8)])
+    message = str(info.value)
+    assert "\n" not in message and "parametrizations" in message and "torch.jit.trace" in message
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "legacy_api"])
+def test_traced_weight_norm_folds(tmp_path: Path, api: str) -> None:
+    wn = nn.utils.parametrizations.weight_norm if api == "parametrizations" else nn.utils.weight_norm
+    torch.manual_seed(0)
+    module = randomize_bn(nn.Sequential(wn(nn.Conv1d(3, 4, 3)), nn.BatchNorm1d(4)))
+    src = tmp_path / "wn.pt"
+    torch.jit.save(torch.jit.trace(module, torch.randn(1, 3, 16)), str(src))
+    result = fold_torchscript(src, tmp_path / "wn.folded.pt", shapes=[(1, 3, 16)], seeds=[0])
+    assert [f.rule for f in result.folded] == ["conv"] and result.skipped == []
