@@ -156,11 +156,12 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
         producer = value.node()
         if producer.kind() not in _LAYOUT_OPS:
             break
+        mapped: int | None
         if producer.kind() == "aten::flatten":
             flat = _map_flatten(producer, axis, rank)
             if isinstance(flat, str):
                 return skip(flat)
-            (mapped, rank) = flat
+            mapped, rank = flat
         else:
             mapped = _map_axis(producer, axis, rank)
         if mapped is None:
