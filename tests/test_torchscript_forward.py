@@ -140,3 +140,33 @@ def test_traced_weight_norm_folds(tmp_path: Path, api: str) -> None:
     torch.jit.save(torch.jit.trace(module, torch.randn(1, 3, 16)), str(src))
     result = fold_torchscript(src, tmp_path / "wn.folded.pt", shapes=[(1, 3, 16)], seeds=[0])
     assert [f.rule for f in result.folded] == ["conv"] and result.skipped == []
+
+
+class _Mixed(nn.Module):
+    """MixNet-style: two convolutions joined by cat, then BN, then a residual Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(6, 2, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(6, 4, 5, padding=2)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_bn_after_cat_folds_into_each_conv(tmp_path: Path) -> None:
+    result = _fold(tmp_path, _Mixed, (1, 6, 5, 5))
+    assert [(f.rule, f.producer_op) for f in result.folded] == [("concat", "aten::conv2d")]
+
+
+class _MixedShared(_Mixed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return a.sum() + self.bn(torch.cat([a, self.b(x)], 1))
+
+
+def test_bn_after_cat_names_the_blocking_input(tmp_path: Path) -> None:
+    result = _fold(tmp_path, _MixedShared, (1, 6, 5, 5))
+    assert result.folded == []
+    assert "cat input 0" in result.skipped[0].reason and "also feeds aten::sum" in result.skipped[0].reason

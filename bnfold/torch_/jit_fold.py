@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold.results import FoldedPair, Skip
+from bnfold.torch_.concat import CatPlan, plan_concat
 from bnfold.torch_.forward import plan_forward
 from bnfold.torch_.ir import const, describe, floating, other_uses, walk
 from bnfold.torch_.producers import PRODUCERS, BnStats, Plan, plan_fold
@@ -101,7 +102,7 @@ def count_nodes(graph: Any) -> int:
     return sum(1 for n, _ in walk(graph) if n.kind() not in _BOOKKEEPING)
 
 
-def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
+def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | CatPlan | Skip:
     kind = node.kind()
     layout = _BN_OPS[kind]
     name = node.outputsAt(0).debugName()
@@ -169,6 +170,11 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
         axis, value, reader = mapped, producer.inputsAt(0), producer
 
     pkind = producer.kind()
+    if pkind == "aten::cat" and value is inputs[layout.input]:
+        joined = plan_concat(node, stats, rank, skip, graph_label)
+        if isinstance(joined, CatPlan):
+            return joined
+        return _or_forward(node, stats, rank, skip, graph_label, joined.reason.split(": ", 1)[-1])
     if pkind not in PRODUCERS:
         source = "a graph input" if pkind == "prim::Param" else describe(producer)
         return _or_forward(node, stats, rank, skip, graph_label,
@@ -226,7 +232,16 @@ def _map_axis(step: Any, axis: int, rank: int | None) -> int | None:
     return [d % rank for d in dims][axis]
 
 
-def _apply(graph: Any, plan: Plan) -> None:
+def _apply(graph: Any, plan: Plan | CatPlan) -> None:
+    for part in plan.parts if isinstance(plan, CatPlan) else [plan]:
+        _rewrite(graph, part)
+    bn = plan.bn
+    bn.outputsAt(0).replaceAllUsesWith(bn.inputsAt(_BN_OPS[bn.kind()].input))
+    bn.destroy()
+
+
+def _rewrite(graph: Any, plan: Plan) -> None:
+    """The producer (or, folding forward, the consumer) reads the folded weight and bias."""
     producer = plan.producer
     base = producer.inputsAt(1).debugName()
     with graph.insert_point_guard(producer):
@@ -236,9 +251,6 @@ def _apply(graph: Any, plan: Plan) -> None:
     b.setDebugName(f"{base.rsplit('.', 1)[0]}.bias_bnfold" if base.endswith(".weight") else f"{base}_bias_bnfold")
     producer.replaceInput(1, w)
     producer.replaceInput(2, b)
-    bn = plan.bn
-    bn.outputsAt(0).replaceAllUsesWith(bn.inputsAt(_BN_OPS[bn.kind()].input))
-    bn.destroy()
 
 
 def fold_graph(graph: Any, *, label: str = "", probe: RankProbe | None = None) -> GraphFold:
@@ -254,16 +266,16 @@ def fold_graph(graph: Any, *, label: str = "", probe: RankProbe | None = None) -
         bns = [(n, nested) for n, nested in walk(graph) if n.kind() in BN_KINDS]
         ranks = probe([n.inputsAt(_BN_OPS[n.kind()].input) for n, _ in bns]) if probe and bns else {}
         results = [_match(n, _label(label, nested), ranks) for n, nested in bns]
-        plans = [r for r in results if isinstance(r, Plan)]
+        plans = [r for r in results if isinstance(r, Plan | CatPlan)]
         skipped = [r for r in results if isinstance(r, Skip)]
         if not plans:
             break
         rewritten: set[int] = set()
         for plan in plans:  # decided above; applying cannot fail
-            key = plan.producer.outputsAt(0).unique()
-            if key in rewritten:  # a forward and a backward fold into one node: the next round
+            keys = {p.producer.outputsAt(0).unique() for p in (plan.parts if isinstance(plan, CatPlan) else [plan])}
+            if keys & rewritten:  # a forward and a backward fold into one node: the next round
                 continue
-            rewritten.add(key)
+            rewritten |= keys
             _apply(graph, plan)
             folded.append(plan.record)
             log.debug("folded %s into %s", plan.record.output, plan.record.producer_op)
