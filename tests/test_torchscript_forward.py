@@ -15,6 +15,7 @@ from nets import randomize_bn  # noqa: E402
 from bnfold.torchscript import fold_torchscript  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # torch.jit.*
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
@@ -170,3 +171,26 @@ def test_bn_after_cat_names_the_blocking_input(tmp_path: Path) -> None:
     result = _fold(tmp_path, _MixedShared, (1, 6, 5, 5))
     assert result.folded == []
     assert "cat input 0" in result.skipped[0].reason and "also feeds aten::sum" in result.skipped[0].reason
+
+
+def test_traced_instance_norm_with_running_stats_folds(tmp_path: Path) -> None:
+    """``aten::instance_norm`` with running statistics in eval is the same per-channel map as a BatchNorm."""
+    from test_rule_instance_norm import _with_stats
+
+    torch.manual_seed(0)
+    module = _with_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True,
+                                                                             affine=True)))
+    src = tmp_path / "in.pt"
+    torch.jit.save(torch.jit.trace(module, torch.randn(2, 3, 8, 8)), str(src))
+    result = fold_torchscript(src, tmp_path / "in.folded.pt", shapes=[(2, 3, 8, 8)], seeds=[0])
+    assert [(f.rule, f.norm_op) for f in result.folded] == [("conv", "aten::instance_norm")]
+    assert (result.bn_before, result.bn_after) == (1, 0)
+
+
+def test_instance_norm_without_running_stats_is_reported(tmp_path: Path) -> None:
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)).eval()
+    src = tmp_path / "in.pt"
+    torch.jit.save(torch.jit.trace(module, torch.randn(2, 3, 8, 8)), str(src))
+    result = fold_torchscript(src, tmp_path / "in.folded.pt", shapes=[(2, 3, 8, 8)], seeds=[0])
+    assert result.folded == []
+    assert "no running statistics (track_running_stats=False)" in result.skipped[0].reason

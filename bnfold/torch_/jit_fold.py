@@ -71,6 +71,8 @@ _BN_OPS: dict[str, _BnLayout] = {
     "aten::_native_batch_norm_legit_no_training": _BnLayout(0, 1, 2, 3, 4, None, 6),
     "aten::cudnn_batch_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
     "aten::miopen_batch_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
+    # InstanceNorm with running statistics in eval (use_input_stats False): the same per-channel map
+    "aten::instance_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
 }
 BN_KINDS = frozenset(_BN_OPS)
 
