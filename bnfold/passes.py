@@ -174,9 +174,11 @@ def _fold_graph(
 ) -> None:
     keep = _spiller(store)
     if constants in rules:  # weights computed from constants become initializers before any matching
+        first = GraphView(graph, parent=parent, path=path, opset=names.opset,
+                          initializers_as_constants=options.initializers_as_constants, data=store)
         result.folded.extend(constants.materialize(
-            GraphView(graph, parent=parent, path=path, opset=names.opset,
-                      initializers_as_constants=options.initializers_as_constants, data=store), orphans))
+            FoldContext(first, names, options, opset=names.opset, rules=rules, producer_rules=PRODUCER_RULES),
+            orphans))
     while True:
         view = GraphView(graph, parent=parent, path=path, opset=names.opset,
                          initializers_as_constants=options.initializers_as_constants, data=store)

@@ -15,8 +15,10 @@ Conditions:
     movement (the dynamo exporter's zero-bias ``Expand``, a ``Reshape``) is left as written, since it
     costs nothing and every rule already reads it as the constant it is;
   - ``W`` is not a graph output.
-  Applied before any normalization is matched, in every round's graph, so the rules read a plain
-  weight. Reported as one fold per tensor (rule ``const_weights``, ``norm_op`` "weight normalization"
+  Also, unreported: a ``Shape`` / ``Size`` reading the input of an inference BatchNormalization (or a
+  tensor it is reached through by layout ops) whose value the graph fixes becomes an initializer, so it
+  no longer keeps the producer alive beside a folded clone (the dynamo exporter's InstanceNorm).
+  Applied once per graph before any normalization is matched, so the rules read a plain weight. Reported as one fold per tensor (rule ``const_weights``, ``norm_op`` "weight normalization"
   when the subgraph computes a norm, else "constant subgraph"), under the consumer's output tensor,
   which both models compute.
 Formula:  the value is what onnx's reference evaluator computes for each node in the model's dtype
@@ -117,17 +119,22 @@ def find(view: GraphView) -> list[ComputedWeight]:
     return out
 
 
-def shape_reads(view: GraphView) -> list[tuple[int, str, np.ndarray]]:
+def shape_reads(ctx: FoldContext) -> list[tuple[int, str, np.ndarray]]:
     """``(node, output, value)`` of every ``Shape`` / ``Size`` that reads a normalization's input (or the
     tensors it is reached through by layout ops) and whose value is fixed before run time: the dynamo
     exporter's ``Shape(conv_out)`` for an InstanceNorm's Reshape targets or a computed BN scale. Such a
-    reader would keep the producer alive beside a folded clone of it; as a constant it reads nothing."""
+    reader would keep the producer alive beside a folded clone of it; as a constant it reads nothing.
+    Only for a BatchNormalization that is a fixed affine map (inference mode, constant statistics)."""
+    from bnfold.rules.batchnorm import bn_norm  # the BN source, read-only
     from bnfold.rules.layout import walk_back  # layout builds on the rules' base, as this module does
 
+    view = ctx.view
     out: list[tuple[int, str, np.ndarray]] = []
     seen: set[int] = set()
-    for node in view.graph.node:
+    for bn_idx, node in enumerate(view.graph.node):
         if not is_op(node, "BatchNormalization") or not node.input or not node.input[0]:
+            continue
+        if not isinstance(bn_norm(ctx, bn_idx), Norm):
             continue
         names = {node.input[0]}
         found = walk_back(view, node.input[0])
@@ -147,12 +154,13 @@ def shape_reads(view: GraphView) -> list[tuple[int, str, np.ndarray]]:
     return out
 
 
-def materialize(view: GraphView, orphans: set[str]) -> list[FoldedPair]:
+def materialize(ctx: FoldContext, orphans: set[str]) -> list[FoldedPair]:
     """Replace every :func:`find` weight of ``view.graph`` by an initializer of the same name; the nodes
     that computed it are added to ``orphans`` for the pass's clean-up. Returns one record per tensor
     (:func:`shape_reads` become initializers too, unreported: they fold nothing by themselves)."""
+    view = ctx.view
     found = find(view)
-    shapes = shape_reads(view)
+    shapes = shape_reads(ctx)
     if not found and not shapes:
         return []
     graph = view.graph
