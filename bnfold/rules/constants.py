@@ -18,9 +18,10 @@ Conditions:
   Also, unreported: a ``Shape`` / ``Size`` reading the input of an inference BatchNormalization (or a
   tensor it is reached through by layout ops) whose value the graph fixes becomes an initializer, so it
   no longer keeps the producer alive beside a folded clone (the dynamo exporter's InstanceNorm).
-  Applied once per graph before any normalization is matched, so the rules read a plain weight. Reported as one fold per tensor (rule ``const_weights``, ``norm_op`` "weight normalization"
-  when the subgraph computes a norm, else "constant subgraph"), under the consumer's output tensor,
-  which both models compute.
+  Applied once per graph before any normalization is matched, so the rules read a plain weight.
+  Reported as one fold per tensor (rule ``const_weights``, ``norm_op`` "weight normalization" when the
+  subgraph computes a norm, else "constant subgraph"), under the consumer's output tensor, which both
+  models compute.
 Formula:  the value is what onnx's reference evaluator computes for each node in the model's dtype
           (the same ops, in the same order, as the runtime): nothing is re-derived.
 """
