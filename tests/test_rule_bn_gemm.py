@@ -221,3 +221,43 @@ def test_bn_relu_conv_names_the_relu() -> None:
     reason = _skip(_model([1, 4, 3, 3], nodes, inits))
     assert "its input 'x' is a graph input" in reason
     assert "its output 'y' goes to Relu 'act' between it and Conv 'conv'" in reason
+
+
+@pytest.mark.parametrize("consumer", ["Gemm", "Conv"])
+def test_forward_folds_look_through_identity(consumer: str) -> None:
+    """The dynamo exporter writes a Dropout in eval as an Identity: ``BN -> Identity -> Gemm / Conv``."""
+    rng = np.random.default_rng(13)
+    if consumer == "Gemm":
+        x_shape, w = [2, 4], rng.standard_normal((4, 3)).astype(np.float32)
+    else:
+        x_shape, w = [1, 4, 3, 3], rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Identity", ["y"], ["d"], name="dropout"),
+             helper.make_node(consumer, ["d", "W"], ["z"], name="next")]
+    model = _model(x_shape, nodes, [*_bn_inits(rng, 4), tensor("W", w)])
+    result = bnfold.fold(model)
+    assert ops(result.model) == [consumer]
+    assert_same_outputs(model, result.model, _feeds(model))
+
+
+def test_torch_dropout_head_dynamo() -> None:
+    torch = pytest.importorskip("torch")
+    from nets import export_dynamo, randomize_bn
+
+    torch.manual_seed(0)
+    module = randomize_bn(torch.nn.Sequential(torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.2),
+                                              torch.nn.Linear(6, 3)))
+    model = export_dynamo(module, (2, 6))
+    assert "Identity" in ops(model)
+    result = bnfold.fold(model)
+    assert "BatchNormalization" not in ops(result.model) and "Identity" not in ops(result.model)
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    assert_same_outputs(model, result.model, {model.graph.input[0].name: x})
+
+
+def test_identity_that_is_a_graph_output_blocks() -> None:
+    rng = np.random.default_rng(14)
+    nodes = [helper.make_node("Identity", ["y"], ["d"], name="dropout"),
+             helper.make_node("Gemm", ["d", "W"], ["z"], name="fc")]
+    model = _model([2, 4], nodes, [*_bn_inits(rng, 4), tensor("W", rng.standard_normal((4, 3)).astype(np.float32))],
+                   outputs=("z", "d"))
+    assert "'d' from Identity 'dropout' is a graph output" in _skip(model)

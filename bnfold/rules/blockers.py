@@ -14,7 +14,7 @@ from bnfold.rules.base import FoldContext, Norm, by_blocking
 
 __all__ = ["forward_blocker"]
 
-_FORWARD = ("Conv", "Gemm", "MatMul", "Flatten", "Reshape")
+_FORWARD = ("Conv", "Gemm", "MatMul", "Flatten", "Reshape", "Identity")
 
 
 def forward_blocker(ctx: FoldContext, norm: Norm) -> str:

@@ -7,7 +7,8 @@ After:    ``Z_i = Gemm_i(F', B_i', C_i'; alpha, beta=1, transB)`` or ``Z_i = Add
           where ``F'`` is ``X`` (or the Flatten / Reshape of ``X``): the normalization is gone
 Conditions:
   - every consumer of ``Y`` is a Gemm or MatMul reading ``Y`` as its data input (Gemm ``A``, MatMul input
-    0), directly or through one Flatten / Reshape that only that consumer reads; ``Y`` and the reshaped
+    0), directly or through one Flatten / Reshape that only that consumer reads, looking through Identity
+    nodes (the dynamo exporter's Dropout in eval; they are removed); ``Y`` and the reshaped
     tensor are not graph outputs: the normalization is folded into all of them or into none;
   - the normalization's channel axis is 1 and the feature index of the Gemm input is provably
     ``c * S + s`` for channel ``c``: ``Y`` has rank 2, or the Flatten (axis 1) / Reshape (to
@@ -37,6 +38,7 @@ from onnx import helper
 from bnfold.folding import Affine, RoundingError
 from bnfold.nodes import attr, is_op
 from bnfold.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip, copy_node, new_tensor, rounding_skip
+from bnfold.rules.readers import through_identity
 from bnfold.rules.shapes import ONE, product, shape_of
 
 __all__ = ["NAME", "match"]
@@ -52,6 +54,8 @@ class _Target:
     """The Gemm or MatMul."""
     via: int | None
     """The Flatten / Reshape between the normalization and it, if any."""
+    reads: str
+    """The tensor it (or ``via``) reads: the normalization's output, or an Identity of it."""
 
 
 def _features_per_channel(ctx: FoldContext, norm: Norm, via: int | None, gemm: bool) -> int | str:
@@ -86,23 +90,23 @@ def _features_per_channel(ctx: FoldContext, norm: Norm, via: int | None, gemm: b
     return s
 
 
-def _targets(ctx: FoldContext, norm: Norm) -> list[_Target] | str | None:
-    """The Gemm / MatMul consumers (None: none, so not this rule's pattern), or why not every consumer is one."""
+def _targets(ctx: FoldContext, norm: Norm) -> tuple[list[_Target], list[int]] | str | None:
+    """The Gemm / MatMul consumers and the Identity nodes before them (None: no such consumer, so not
+    this rule's pattern), or why not every consumer is one."""
     view = ctx.view
-    out = norm.output
+    readers, identities, blocker = through_identity(ctx.view, norm.output)
     found: list[_Target] = []
-    blocker = ""
-    for idx in view.consumers_of(out):
+    for idx, out in readers:
         node = view.node(idx)
         if is_op(node, "Gemm") or is_op(node, "MatMul"):
-            found.append(_Target(idx, None))
+            found.append(_Target(idx, None, out))
             continue
         if is_op(node, _RESHAPES) and node.input[0] == out and list(node.input).count(out) == 1:
             mid = node.output[0]
             nxt = view.consumers_of(mid)
             if len(nxt) == 1 and not view.is_graph_output(mid) and (
                     is_op(view.node(nxt[0]), "Gemm") or is_op(view.node(nxt[0]), "MatMul")):
-                found.append(_Target(nxt[0], idx))
+                found.append(_Target(nxt[0], idx, out))
                 continue
             where = "is a graph output" if view.is_graph_output(mid) else (
                 f"feeds {view.describe(nxt[0])}" if nxt else "feeds nothing")
@@ -112,23 +116,24 @@ def _targets(ctx: FoldContext, norm: Norm) -> list[_Target] | str | None:
         blocker = blocker or f"'{out}' also feeds {view.describe(idx)}, which is not a Gemm or MatMul"
     if not found:
         return None
-    if view.is_graph_output(out):
-        return f"'{out}' is also a graph output, so it must keep its values"
-    return blocker or found
+    if view.is_graph_output(norm.output):
+        return f"'{norm.output}' is also a graph output, so it must keep its values"
+    return blocker or (found, identities)
 
 
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     view = ctx.view
-    targets = _targets(ctx, norm)
-    if targets is None:
+    found = _targets(ctx, norm)
+    if found is None:
         return None
-    first = view.describe(targets[0].node) if isinstance(targets, list) else "following Gemm / MatMul"
+    first = view.describe(found[0][0].node) if isinstance(found, tuple) else "following Gemm / MatMul"
 
     def skip(reason: str) -> Skip:
         return ctx.skip(norm.output, norm.op_type, f"cannot fold into the {first}: {reason}")
 
-    if isinstance(targets, str):
-        return skip(targets)
+    if isinstance(found, str):
+        return skip(found)
+    targets, identities = found
     if norm.channel_axis != 1:
         return skip(f"the normalization's channel axis {norm.channel_axis} is not 1")
     replace: dict[int, onnx.NodeProto] = {}
@@ -153,7 +158,8 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
             before[t.node] = tuple(new_nodes[:-1])
     first_out = view.node(targets[0].node).output[0]
     return Fold(rule=NAME, producer_op=view.node(targets[0].node).op_type,
-                norm=dataclasses.replace(norm, output=first_out), replace=replace, remove=norm.nodes,
+                norm=dataclasses.replace(norm, output=first_out), replace=replace,
+                remove=(*norm.nodes, *identities),
                 tensors=tuple(tensors), insert_before=before)
 
 
@@ -166,9 +172,9 @@ def _fold_one(
     node = view.node(t.node)
     desc = view.describe(t.node)
     data = norm.input if t.via is None else view.node(t.via).output[0]
-    if node.input[0] != (norm.output if t.via is None else data) or len(node.input) < 2:
+    if node.input[0] != (t.reads if t.via is None else data) or len(node.input) < 2:
         return f"{desc} reads '{norm.output}' as its weight, not as its data input"
-    if node.input[1] in (norm.output, data):
+    if node.input[1] in (t.reads, data):
         return f"{desc} reads '{norm.output}' as both operands"
     w_name = node.input[1]
     elem = view.constant_dtype(w_name)
