@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import assert_same_outputs, make_model, ops, tensor
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import bnfold
@@ -277,3 +279,38 @@ def test_expand_scale_reading_a_dynamic_dimension_is_refused() -> None:
     result = bnfold.fold(model, check=False)
     assert result.folded == []
     assert "BatchNormalization scale 'gamma' is computed at run time by Expand 'expand'" in result.skipped[0].reason
+
+
+@given(spatial=st.integers(1, 2), cout=st.integers(1, 5), cin=st.integers(1, 3), opset=st.sampled_from([13, 17, 18]),
+       dim=st.sampled_from([0, None]), with_bn=st.booleans(), seed=st.integers(0, 2**16))
+def test_hand_built_weight_norm_property(spatial: int, cout: int, cin: int, opset: int, dim: int | None,
+                                         with_bn: bool, seed: int) -> None:
+    """``g * v / ReduceL2(v)`` over the per-output-channel axes (dim=0) or all axes (dim=None), ReduceL2
+    with ``axes`` as an attribute (opset < 18) or an input (18), with or without a BN after the Conv."""
+    rng = np.random.default_rng(seed)
+    k = (3,) * spatial
+    v = rng.standard_normal((cout, cin, *k)).astype(np.float32)
+    axes = list(range(1, 2 + spatial)) if dim == 0 else list(range(2 + spatial))
+    g = rng.uniform(0.5, 2, (cout,) + (1,) * (1 + spatial) if dim == 0 else ()).astype(np.float32)
+    inits = [tensor("v", v), tensor("g", g)]
+    if opset >= 18:
+        inits.append(tensor("axes", np.array(axes, np.int64)))
+        norm = helper.make_node("ReduceL2", ["v", "axes"], ["n"], name="norm", keepdims=1)
+    else:
+        norm = helper.make_node("ReduceL2", ["v"], ["n"], name="norm", keepdims=1, axes=axes)
+    nodes = [norm, helper.make_node("Div", ["v", "n"], ["d"], name="div"),
+             helper.make_node("Mul", ["g", "d"], ["w"], name="mul"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    out = "y"
+    if with_bn:
+        for name, value in (("gamma", rng.uniform(0.5, 1.5, cout)), ("beta", rng.normal(size=cout)),
+                            ("mean", rng.normal(size=cout)), ("var", rng.uniform(0.5, 2, cout))):
+            inits.append(tensor(name, value.astype(np.float32)))
+        nodes.append(helper.make_node("BatchNormalization", ["y", "gamma", "beta", "mean", "var"], ["z"], name="bn"))
+        out = "z"
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, *(5,) * spatial])],
+                       [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits, opset=opset)
+    result = bnfold.fold(model)
+    assert ops(result.model) == ["Conv"]
+    assert [f.rule for f in result.folded] == ["const_weights", *(["conv"] if with_bn else [])]
+    assert_same_outputs(model, result.model, _feeds(model))
