@@ -48,4 +48,4 @@ def test_rule_failing_on_a_malformed_node_is_a_refusal() -> None:
 def test_input_produced_by_no_node_has_no_producer() -> None:
     model = make_model([bn("nowhere", "y")], [vi("x", [1, 3, 4, 4])], [vi("y", None)], bn_inits(3))
     assert reasons(model) == ["its input 'nowhere' is not produced by any node here: there is no producer to "
-                              "fold into"]
+                              "fold into; no forward fold either: its output 'y' is a graph output"]

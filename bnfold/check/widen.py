@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.ir.view import subgraphs
+from bnfold.ir.nodes import subgraphs
 
 __all__ = ["WIDENED_NOTE", "has_bfloat16", "widen_bfloat16"]
 

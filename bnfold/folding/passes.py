@@ -26,9 +26,10 @@ from bnfold.errors import BadInputError, BnfoldError, first_line
 from bnfold.folding.functions import fold_bodies, inline_for_folding, input_fed_norms
 from bnfold.folding.order import sort_graph
 from bnfold.folding.result import FoldedPair, FoldResult
-from bnfold.folding.rules import PRODUCER_RULES, affine, select_rules
+from bnfold.folding.rules import PRODUCER_RULES, affine, constants, select_rules
 from bnfold.folding.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
 from bnfold.folding.rules.batchnorm import NEVER_FOLDABLE, bn_norm
+from bnfold.folding.rules.blockers import forward_blocker
 from bnfold.io.staging import checkable_copy
 from bnfold.ir.evaluate import is_pure
 from bnfold.ir.names import NameAllocator
@@ -191,6 +192,12 @@ class _Run:
 
     def fold_graph(self, graph: onnx.GraphProto, parent: GraphView | None, path: str) -> None:
         """Rounds of match -> accept -> apply on ``graph`` until nothing more folds, then its subgraphs."""
+        if constants in self.rules:  # weights computed from constants become initializers before any matching
+            first = GraphView(graph, parent=parent, path=path, opset=self.names.opset,
+                              initializers_as_constants=self.options.initializers_as_constants, data=self.data)
+            ctx = FoldContext(first, self.names, self.options, opset=self.names.opset, rules=self.rules,
+                              producer_rules=PRODUCER_RULES)
+            self.folded.extend(constants.materialize(ctx, self.orphans))
         while True:
             view = GraphView(graph, parent=parent, path=path, opset=self.names.opset,
                              initializers_as_constants=self.options.initializers_as_constants, data=self.data)
@@ -218,6 +225,10 @@ class _Run:
         """An accepted fold with its new tensors handed to ``keep`` (rules never write: the pass does)."""
         return dataclasses.replace(fold, tensors=tuple(self.keep(t) for t in fold.tensors))
 
+
+_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Deterministic ops a fold may leave unread (the original of a clone whose other readers only took its
+shape, as the dynamo exporter's ``Shape(conv_out)`` for a computed BN scale): removed like pure ops."""
 
 _MALFORMED = (ArithmeticError, ValueError, IndexError, KeyError, TypeError)
 """What reading a malformed node can raise. Matching only reads, so turning these into a refusal is safe."""
@@ -290,7 +301,8 @@ def _match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
             f"with constant weights that the enabled rules ({', '.join(r.NAME for r in ctx.rules) or 'none'}) "
             f"fold into ({_PRODUCERS})"
         )
-    return ctx.skip(norm.output, norm.op_type, reason)
+    blocker = forward_blocker(ctx, norm)
+    return ctx.skip(norm.output, norm.op_type, f"{reason}; {blocker}" if blocker else reason)
 
 
 def _never_foldable(view: GraphView) -> Iterator[Skip]:
@@ -381,7 +393,7 @@ def _remove_dead_nodes(graph: onnx.GraphProto, candidates: set[str]) -> None:
         for idx in range(len(graph.node) - 1, -1, -1):
             node = graph.node[idx]
             outs = [o for o in node.output if o]
-            if idx in dead or not outs or not (is_op(node, "Constant") or is_pure(node)):
+            if idx in dead or not outs or not (is_op(node, "Constant") or is_pure(node) or is_op(node, _LINEAR)):
                 continue
             if any(readers[o] for o in outs):
                 continue

@@ -47,8 +47,9 @@ _ELEMENTWISE = frozenset({
 _FIRST_BOUNDED = frozenset({
     "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Split", "ReduceSum",
     "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ArgMax", "ArgMin", "CumSum",
+    "ReduceL1", "ReduceL2", "ReduceSumSquare",
 })
-"""Output no larger than the first input."""
+"""Output no larger than the first input (ReduceL2 and friends: the norms of weight normalization)."""
 _REARRANGE = _FIRST_BOUNDED | {"Concat", "Shape", "Size", "GatherElements"}
 """Output no larger than the inputs (Concat: together; GatherElements: its indices)."""
 _GROWING = frozenset({"Expand", "ConstantOfShape", "Tile", "Range", "Gather"})

@@ -67,7 +67,7 @@ class Dim:
 
 Shape = tuple[Dim, ...]
 ONE = Dim(1)
-_MEMO_KEY = "shapes"
+MEMO_KEY = "shapes"
 """Where a view keeps the shapes propagated over its graph (:meth:`GraphView.memo`)."""
 
 
@@ -112,10 +112,14 @@ def _constant_node_dims(node: onnx.NodeProto) -> tuple[int, ...] | None:
     return None
 
 
+PARTIAL_KEY = "shapes.partial"
+"""The view memo holding the shapes propagated so far (complete once ``shape_of`` has returned)."""
+
+
 def shape_of(view: GraphView, name: str) -> Shape | None:
     """The shape of tensor ``name`` in ``view``'s graph (or an enclosing one), None when unknown. The
     shapes of a graph are propagated once, on first use, and kept with its view."""
-    shapes = view.memo(_MEMO_KEY, _propagate)
+    shapes = view.memo(MEMO_KEY, _propagate)
     if name in shapes:
         return shapes[name]
     if view.parent is not None and name not in view.producer and name not in view.graph_inputs:
@@ -167,6 +171,7 @@ _GLOBAL_POOL = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 def _propagate(view: GraphView) -> dict[str, Shape | None]:
     shapes: dict[str, Shape | None] = {}
+    view.memo(PARTIAL_KEY, lambda _: shapes)  # filled as it goes: what a Shape evaluated meanwhile reads
     graph = view.graph
     for vi in graph.input:
         if vi.name not in view.initializers:

@@ -110,6 +110,10 @@ def _label(method: str) -> str:
     return "" if method == "forward" else method
 
 
+_PARAMETRIZED = "Parametrization is not working with scripting"
+"""torch's error for a scripted module with parametrizations (raised when it runs, not when scripted)."""
+
+
 def fold_torchscript(
     src: ArchiveSource,
     dst: str | os.PathLike[str] | None = None,
@@ -169,6 +173,13 @@ def fold_torchscript(
         try:
             return probe_ranks(frozen, frozen.graph, values, inputs)
         except Exception as exc:
+            if _PARAMETRIZED in str(exc):
+                raise BadInputError(
+                    f"{what}: torch cannot run this scripted module: it has parametrizations (such as "
+                    "torch.nn.utils.parametrizations.weight_norm), which do not work with scripting; save it "
+                    "with torch.jit.trace, or call torch.nn.utils.parametrize.remove_parametrizations(module, "
+                    "'weight') on each layer before torch.jit.script"
+                ) from exc
             shapes_seen = [tuple(t.shape) for t in inputs.tensors]
             hint = "give them with --shape" if inputs.source == "inferred" else "check --shape"
             raise BadInputError(

@@ -189,9 +189,13 @@ def probe_ranks(module: Any, graph: Any, values: list[Any], inputs: TorchInputs)
     for na, nb in zip(graph.nodes(), copy.nodes(), strict=True):
         for a, b in zip(na.outputs(), nb.outputs(), strict=True):
             mapping[a.unique()] = b
+    # graph inputs (after ``self``): their rank is the example tensor's
+    params = {v.unique(): t for v, t in zip(list(graph.inputs())[1:], inputs.tensors, strict=False)}
+    given = {v.unique(): int(params[v.unique()].dim()) for v in values
+             if v.unique() in params and hasattr(params[v.unique()], "dim")}
     wanted = [v for v in values if v.unique() in mapping]
     if not wanted:
-        return {}
+        return given
     dims = []
     for v in wanted:
         target = mapping[v.unique()]
@@ -209,4 +213,4 @@ def probe_ranks(module: Any, graph: Any, values: list[Any], inputs: TorchInputs)
     fn = torch._C._create_function_from_graph("bnfold_rank_probe", copy)
     with torch.no_grad():
         result = fn(module._c, *inputs.tensors)
-    return {v.unique(): int(rank) for v, rank in zip(wanted, result[1:], strict=True)}
+    return {**given, **{v.unique(): int(rank) for v, rank in zip(wanted, result[1:], strict=True)}}

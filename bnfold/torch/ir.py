@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["SHAPE_ONLY", "const", "describe", "floating", "other_uses", "walk"]
+__all__ = ["SHAPE_OF_SECOND", "SHAPE_ONLY", "const", "describe", "floating", "other_uses", "walk"]
 
 SHAPE_ONLY = frozenset(
     {
@@ -63,10 +63,15 @@ def describe(node: Any) -> str:
     return f"{node.kind()} %{out}" + (f" ({where})" if where else "")
 
 
+SHAPE_OF_SECOND = frozenset({"aten::reshape_as", "aten::view_as", "aten::expand_as"})
+"""Ops that read their second argument for its shape alone (``y.reshape_as(x)``: x's shape)."""
+
+
 def other_uses(value: Any, allowed: Any) -> str | None:
     """None when ``value`` is read only by node ``allowed`` and shape queries, else a sentence naming
     what else reads it."""
-    others = [u.user for u in value.uses() if u.user is not allowed and u.user.kind() not in SHAPE_ONLY]
+    others = [u.user for u in value.uses() if u.user is not allowed and u.user.kind() not in SHAPE_ONLY
+              and not (u.user.kind() in SHAPE_OF_SECOND and u.offset == 1)]
     if not others:
         return None
     user = others[0]

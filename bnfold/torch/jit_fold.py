@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold.folding.result import FoldedPair, Skip
+from bnfold.torch.concat import CatPlan, plan_concat
+from bnfold.torch.forward import plan_forward
 from bnfold.torch.ir import const, describe, floating, other_uses, walk
 from bnfold.torch.producers import PRODUCERS, BnStats, Plan, plan_fold
 
@@ -69,11 +71,13 @@ _BN_OPS: dict[str, _BnLayout] = {
     "aten::_native_batch_norm_legit_no_training": _BnLayout(0, 1, 2, 3, 4, None, 6),
     "aten::cudnn_batch_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
     "aten::miopen_batch_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
+    # InstanceNorm with running statistics in eval (use_input_stats False): the same per-channel map
+    "aten::instance_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
 }
 BN_KINDS = frozenset(_BN_OPS)
 
 
-_LAYOUT_OPS = frozenset({"aten::transpose", "aten::permute", "aten::contiguous"})
+_LAYOUT_OPS = frozenset({"aten::transpose", "aten::permute", "aten::contiguous", "aten::flatten"})
 
 
 @dataclass
@@ -100,7 +104,7 @@ def count_nodes(graph: Any) -> int:
     return sum(1 for n, _ in walk(graph) if n.kind() not in _BOOKKEEPING)
 
 
-def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
+def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | CatPlan | Skip:
     kind = node.kind()
     layout = _BN_OPS[kind]
     name = node.outputsAt(0).debugName()
@@ -146,25 +150,67 @@ def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | Skip:
 
     # Walk up through layout-only steps, tracking which axis of each value BatchNorm's axis 1 is.
     rank = ranks.get(inputs[layout.input].unique())
+    stats = BnStats(gamma=gamma, beta=beta, mean=mean, var=var, eps=float(eps))
     axis, value, reader = 1, inputs[layout.input], node
     while True:
         bad_use = other_uses(value, reader)
         if bad_use:
-            return skip(bad_use)
+            return _or_forward(node, stats, rank, skip, graph_label, bad_use)
         producer = value.node()
         if producer.kind() not in _LAYOUT_OPS:
             break
-        mapped = _map_axis(producer, axis, rank)
+        mapped: int | None
+        if producer.kind() == "aten::flatten":
+            flat = _map_flatten(producer, axis, rank)
+            if isinstance(flat, str):
+                return skip(flat)
+            mapped, rank = flat
+        else:
+            mapped = _map_axis(producer, axis, rank)
         if mapped is None:
             return skip(f"cannot map its channel axis through {describe(producer)} (rank unknown)")
         axis, value, reader = mapped, producer.inputsAt(0), producer
 
     pkind = producer.kind()
+    if pkind == "aten::cat" and value is inputs[layout.input]:
+        joined = plan_concat(node, stats, rank, skip, graph_label)
+        if isinstance(joined, CatPlan):
+            return joined
+        return _or_forward(node, stats, rank, skip, graph_label, joined.reason.split(": ", 1)[-1])
     if pkind not in PRODUCERS:
         source = "a graph input" if pkind == "prim::Param" else describe(producer)
-        return skip(f"its input comes from {source}, not from a Conv, ConvTranspose or Linear")
-    stats = BnStats(gamma=gamma, beta=beta, mean=mean, var=var, eps=float(eps))
+        return _or_forward(node, stats, rank, skip, graph_label,
+                           f"its input comes from {source}, not from a Conv, ConvTranspose or Linear")
     return plan_fold(node, producer, stats, axis, rank, skip, graph_label)
+
+
+def _or_forward(
+    node: Any, stats: BnStats, rank: int | None, skip: Callable[[str], Skip], graph_label: str, why: str
+) -> Plan | Skip:
+    """No backward fold (``why``): the forward fold into the Linear / convolution after it, else the Skip."""
+    forward = plan_forward(node, stats, rank, skip, graph_label)
+    if isinstance(forward, Plan):
+        return forward
+    if isinstance(forward, Skip):
+        return skip(f"{why}; {forward.reason.split(': ', 1)[-1]}")
+    users = [u.user for u in node.outputsAt(0).uses() if u.user.kind() != "prim::Return"]
+    if users:
+        return skip(f"{why}; no forward fold either: its output goes to {describe(users[0])}, not a Linear "
+                    "or convolution it could be folded into")
+    return skip(why)
+
+
+def _map_flatten(step: Any, axis: int, rank: int | None) -> tuple[int, int | None] | str:
+    """``aten::flatten(x, start, end)`` (LeViT's ``x.flatten(0, 1)`` before a BatchNorm1d): the input axis
+    that output ``axis`` is, and the input's rank; a phrase when the channel axis would be merged."""
+    ok_s, start = const(step.inputsAt(1))
+    ok_e, end = const(step.inputsAt(2))
+    if not (ok_s and ok_e and isinstance(start, int) and isinstance(end, int)) or start < 0 or end < 0:
+        return f"cannot map its channel axis through {describe(step)} (non-constant or negative dims)"
+    merged = end - start
+    if axis == start and merged > 0:
+        return f"{describe(step)} merges its channel axis {axis} with other axes"
+    return (axis if axis < start else axis + merged), (rank + merged if rank is not None else None)
 
 
 def _map_axis(step: Any, axis: int, rank: int | None) -> int | None:
@@ -188,7 +234,16 @@ def _map_axis(step: Any, axis: int, rank: int | None) -> int | None:
     return [d % rank for d in dims][axis]
 
 
-def _apply(graph: Any, plan: Plan) -> None:
+def _apply(graph: Any, plan: Plan | CatPlan) -> None:
+    for part in plan.parts if isinstance(plan, CatPlan) else [plan]:
+        _rewrite(graph, part)
+    bn = plan.bn
+    bn.outputsAt(0).replaceAllUsesWith(bn.inputsAt(_BN_OPS[bn.kind()].input))
+    bn.destroy()
+
+
+def _rewrite(graph: Any, plan: Plan) -> None:
+    """The producer (or, folding forward, the consumer) reads the folded weight and bias."""
     producer = plan.producer
     base = producer.inputsAt(1).debugName()
     with graph.insert_point_guard(producer):
@@ -198,9 +253,6 @@ def _apply(graph: Any, plan: Plan) -> None:
     b.setDebugName(f"{base.rsplit('.', 1)[0]}.bias_bnfold" if base.endswith(".weight") else f"{base}_bias_bnfold")
     producer.replaceInput(1, w)
     producer.replaceInput(2, b)
-    bn = plan.bn
-    bn.outputsAt(0).replaceAllUsesWith(bn.inputsAt(_BN_OPS[bn.kind()].input))
-    bn.destroy()
 
 
 def fold_graph(graph: Any, *, label: str = "", probe: RankProbe | None = None) -> GraphFold:
@@ -216,11 +268,16 @@ def fold_graph(graph: Any, *, label: str = "", probe: RankProbe | None = None) -
         bns = [(n, nested) for n, nested in walk(graph) if n.kind() in BN_KINDS]
         ranks = probe([n.inputsAt(_BN_OPS[n.kind()].input) for n, _ in bns]) if probe and bns else {}
         results = [_match(n, _label(label, nested), ranks) for n, nested in bns]
-        plans = [r for r in results if isinstance(r, Plan)]
+        plans = [r for r in results if isinstance(r, Plan | CatPlan)]
         skipped = [r for r in results if isinstance(r, Skip)]
         if not plans:
             break
+        rewritten: set[int] = set()
         for plan in plans:  # decided above; applying cannot fail
+            keys = {p.producer.outputsAt(0).unique() for p in (plan.parts if isinstance(plan, CatPlan) else [plan])}
+            if keys & rewritten:  # a forward and a backward fold into one node: the next round
+                continue
+            rewritten |= keys
             _apply(graph, plan)
             folded.append(plan.record)
             log.debug("folded %s into %s", plan.record.output, plan.record.producer_op)

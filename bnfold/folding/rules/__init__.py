@@ -8,20 +8,33 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bnfold.folding.rules import affine, bn_conv, conv, conv_transpose, gemm, layout, matmul
+from bnfold.folding.rules import (
+    affine,
+    bn_conv,
+    bn_gemm,
+    concat,
+    constants,
+    conv,
+    conv_transpose,
+    gemm,
+    instance_norm,
+    layout,
+    matmul,
+)
 from bnfold.folding.rules.base import RuleInfo
 
 __all__ = ["PATTERN_RULES", "PRODUCER_RULES", "RULES", "rule_infos", "select_rules"]
 
 PRODUCER_RULES: tuple[ModuleType, ...] = (conv, conv_transpose, gemm, matmul)
 """Rules that fold a normalization backward into the producer that computes its input."""
-PATTERN_RULES: tuple[ModuleType, ...] = (affine, layout, bn_conv)
+PATTERN_RULES: tuple[ModuleType, ...] = (affine, concat, instance_norm, layout, bn_conv, bn_gemm)
 """Rules that find a wider pattern and hand the fold to the producer rules (``FoldContext.producer_rules``)
 or fold forward: the decomposed normalizations (``affine``: Mul/Add chains, found by its own source in
 ``passes.SOURCES``), the ones reached through layout ops, and the fold into the following Conv
 (``bn_conv``)."""
-RULES: tuple[ModuleType, ...] = PRODUCER_RULES + PATTERN_RULES
-"""Every rule, in the order tried: producers first, then the pattern rules."""
+RULES: tuple[ModuleType, ...] = PRODUCER_RULES + PATTERN_RULES + (constants,)
+"""Every rule, in the order tried: producers first, then the pattern rules. ``constants``
+(``const_weights``) matches no normalization: when selected, the pass runs it before matching."""
 
 
 def rule_infos() -> list[RuleInfo]:

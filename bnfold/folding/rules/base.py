@@ -35,6 +35,7 @@ __all__ = [
     "Norm",
     "RuleInfo",
     "Skip",
+    "by_blocking",
     "clone_refusal",
     "constant_or_skip",
     "copy_node",
@@ -182,7 +183,7 @@ def sole_consumer_skip(ctx: FoldContext, producer: int, norm: Norm) -> Skip | No
             f"output '{out}' of {view.describe(producer)} is also a graph output, so it must keep its "
             "unnormalized values",
         )
-    others = [i for i in view.consumers_of(out) if i not in norm.nodes]
+    others = by_blocking(view, out, [i for i in view.consumers_of(out) if i not in norm.nodes])
     if others:
         return ctx.skip(
             norm.output,
@@ -191,6 +192,22 @@ def sole_consumer_skip(ctx: FoldContext, producer: int, norm: Norm) -> Skip | No
             + (f" and {len(others) - 1} more" if len(others) > 1 else ""),
         )
     return None
+
+
+_TYPE_READERS = {"Shape": 0, "Size": 0, "CastLike": 1}
+"""Ops that read an input (at this position) for its shape or element type only, never its values."""
+
+
+def by_blocking(view: GraphView, name: str, readers: Sequence[int]) -> list[int]:
+    """``readers`` of ``name`` with those that read its values first (a residual Add, a Relu), those that
+    read only its shape or type (``Shape``, ``Size``, ``CastLike``'s target) last: a message names the
+    real blocker first."""
+    def type_only(idx: int) -> bool:
+        node = view.node(idx)
+        pos = _TYPE_READERS.get(node.op_type) if not node.domain or node.domain == "ai.onnx" else None
+        return pos is not None and [i for i, n in enumerate(node.input) if n == name] == [pos]
+
+    return sorted(readers, key=type_only)
 
 
 def non_float_skip(ctx: FoldContext, norm: Norm, name: str, role: str) -> Skip | None:

@@ -4,8 +4,9 @@ Before:   ``Y = BatchNormalization(X, gamma, beta, mean, var)``; ``Z_i = Conv_i(
           consumer ``i`` of ``Y``
 After:    ``Z_i = Conv_i(X, W_i', B_i')``  (the normalization is gone; one fold rewrites every Conv)
 Conditions:
-  - every consumer of ``Y`` is a Conv (default domain) reading ``Y`` as its data input only, and ``Y``
-    is not a graph output: the normalization is folded into all of them or into none;
+  - every consumer of ``Y`` is a Conv (default domain) reading ``Y`` as its data input only (directly or
+    through Identity nodes, which are removed), and ``Y`` is not a graph output: the normalization is
+    folded into all of them or into none;
   - each Conv's ``W`` (and ``B``) are floating-point constants, ``W.shape[1] * group`` equals the
     channel count, and the normalization's channel axis is 1 (the Conv's input channel axis);
   - no padding: ``pads`` absent or all 0 with ``auto_pad`` NOTSET, or ``VALID``, or ``SAME_UPPER`` /
@@ -30,7 +31,18 @@ import onnx
 
 from bnfold.folding.math import RoundingError, fold_into_conv_input
 from bnfold.folding.producers import linear_producer
-from bnfold.folding.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip, copy_node, new_tensor, rounding_skip
+from bnfold.folding.rules.base import (
+    FLOAT_TYPES,
+    Fold,
+    FoldContext,
+    Norm,
+    Skip,
+    by_blocking,
+    copy_node,
+    new_tensor,
+    rounding_skip,
+)
+from bnfold.folding.rules.readers import through_identity
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.shapes import shape_of
 
@@ -82,7 +94,9 @@ def _no_backward(ctx: FoldContext, norm: Norm) -> str:
 def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     view = ctx.view
     out = norm.output
-    consumers = view.consumers_of(out)
+    readers, identities, id_blocker = through_identity(view, out)  # a Dropout in eval is an Identity
+    reads = dict(readers)
+    consumers = [i for i, _ in readers]
     convs = [i for i in consumers if is_op(view.node(i), "Conv")]
     if not convs:
         return None
@@ -95,7 +109,9 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     into = f"fold into the following {view.describe(convs[0])}"
     if view.is_graph_output(out):
         return skip(f"cannot {into}: '{out}' is also a graph output, so it must keep its values")
-    others = [i for i in consumers if i not in convs]
+    if id_blocker:
+        return skip(f"cannot {into}: {id_blocker}")
+    others = by_blocking(view, out, [i for i in consumers if i not in convs])
     if others:
         return skip(f"cannot {into}: '{out}' also feeds {view.describe(others[0])}, which is not a Conv")
     if norm.channel_axis != 1:
@@ -108,7 +124,7 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
     for idx in convs:
         node = view.node(idx)
         desc = view.describe(idx)
-        if list(node.input).count(out) != 1 or node.input[0] != out:
+        if list(node.input).count(reads[idx]) != 1 or node.input[0] != reads[idx]:
             return skip(f"cannot fold into {desc}: it reads '{out}' as a weight or bias")
         if len(node.input) < 2 or not node.input[1]:
             return skip(f"cannot fold into {desc}: it has no weight")
@@ -161,6 +177,6 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
         producer_op="Conv",
         norm=dataclasses.replace(norm, output=first_out),
         replace=replace,
-        remove=norm.nodes,
+        remove=(*norm.nodes, *identities),
         tensors=tuple(tensors),
     )

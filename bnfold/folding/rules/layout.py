@@ -27,13 +27,13 @@ import onnx
 
 from bnfold.folding.math import Affine
 from bnfold.folding.producers import Producer, delegate, linear_producer
-from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip, copy_node, unique_node_name
+from bnfold.folding.rules.base import Fold, FoldContext, Norm, Skip, by_blocking, copy_node, unique_node_name
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.shapes import ONE, Shape, int_list, product, reshape_dims, shape_of
 from bnfold.ir.unknown import why_unknown
 from bnfold.ir.view import GraphView
 
-__all__ = ["LAYOUT_OPS", "NAME", "match", "uniform", "walk_back"]
+__all__ = ["LAYOUT_OPS", "NAME", "match", "rewire", "uniform", "walk_back"]
 
 NAME = "layout"
 LAYOUT_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
@@ -156,7 +156,7 @@ def _users_outside(ctx: FoldContext, name: str, allowed: set[int]) -> str | None
     view = ctx.view
     if view.is_graph_output(name):
         return "is a graph output"
-    others = [i for i in view.consumers_of(name) if i not in allowed]
+    others = by_blocking(view, name, [i for i in view.consumers_of(name) if i not in allowed])
     return f"also feeds {view.describe(others[0])}" if others else None
 
 
@@ -285,3 +285,7 @@ def _rewire(ctx: FoldContext, fold: Fold, norm: Norm, chain: list[int], tensors:
         tensors=fold.tensors,
         insert_before=before,
     )
+
+
+rewire = _rewire
+"""For the rules that reach a producer through a layout chain of their own (``instance_norm``)."""
