@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BnfoldError, ExitCode, OptionError, OutputError
+from bnfold.errors import BnfoldError, ExitCode, OptionError
 from bnfold.passes import FoldResult
 from bnfold.rules.base import FoldOptions
 from bnfold.verify.check import DEFAULT_SEEDS
 
 if TYPE_CHECKING:
+    from bnfold.report_file import PendingReport
     from bnfold.timing import GateResult, LatencyReport
     from bnfold.torchscript import TorchExportResult, TorchFoldResult
     from bnfold.verify import Comparison
@@ -187,25 +188,33 @@ def fold_file(
     Raises OptionError (an unknown rule, a TorchScript output for an ONNX input, shapes that cannot be
     meant, a level this onnxruntime lacks), BadInputError, OutputError, MissingDependencyError.
     """
+    from bnfold.paths import as_path
+    from bnfold.report_file import PendingReport
     from bnfold.torchscript import is_torchscript
 
-    report_path = Path(os.fspath(report)) if report is not None else None
-    _check_writable(report_path)  # before anything is written: a bad report path must not leave a model behind
-    src = Path(os.fspath(src))
+    src = as_path(src, "src")
+    out_arg = as_path(dst, "dst") if dst is not None else None
+    report_path = as_path(report, "report") if report is not None else None
+    _check_input(src)  # a regular, readable file: nothing else is opened (a FIFO blocks, a device never ends)
     torchscript = is_torchscript(src)
     default = src.with_name(f"{src.stem}.folded{src.suffix or ('.pt' if torchscript else '.onnx')}")
-    out = Path(os.fspath(dst)) if dst is not None else default
-    if torchscript:
-        run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
-                                force=force, opset=opset, eval_mode=eval_mode, progress=progress)
-    else:
-        run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), check=check, shapes=shapes,
-                         verify=verify, verify_options=verify_options, force=force, providers=providers,
-                         latency=latency, progress=progress)
-    if report_path is not None:
-        from bnfold.report import write_json
-
-        write_json(run.to_report(), report_path)
+    out = out_arg if out_arg is not None else default
+    # before anything is written: no output over a file the input reads, nothing but regular files
+    _check_outputs([src] if torchscript else _input_files(src), src, None if dry_run else out, report_path)
+    pending = PendingReport(report_path) if report_path is not None else None
+    try:
+        if torchscript:
+            run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
+                                    force=force, opset=opset, eval_mode=eval_mode, progress=progress)
+            if pending is not None:
+                pending.write(run.to_report())
+        else:
+            run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), check=check,
+                             shapes=shapes, verify=verify, verify_options=verify_options, force=force,
+                             providers=providers, latency=latency, progress=progress, report=pending)
+    finally:
+        if pending is not None:
+            pending.discard()
     return run
 
 
@@ -223,6 +232,7 @@ def _fold_onnx(
     providers: Sequence[str] | None,
     latency: LatencyOptions | None,
     progress: ProgressCallback | None,
+    report: PendingReport | None = None,
 ) -> FoldRun:
     import bnfold.api  # looked up at call time (tests replace bnfold.api.fold)
     from bnfold.onnx_io import save_model
@@ -266,30 +276,33 @@ def _fold_onnx(
                 seeds=verify_options.seeds,
             )
         failed = comparison is not None and not comparison.passed
-        written = False
-        if not dry_run and (not failed or force):
+        write = not dry_run and (not failed or force)
+        timing, gate = None, None
+        if latency is not None:  # the staged file holds the bytes the output will have
+            timing, gate = _measure({"original": src, "folded": folded_model}, latency, providers, progress)
+        if staged is not None:
+            output_bytes: int | None = staged.nbytes
+        else:
+            output_bytes = result.model.ByteSize()
+        code = ExitCode.VERIFY_FAILED if failed else gate.exit_code if gate is not None else ExitCode.OK
+        run = FoldRun(
+            input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result, written=write,
+            input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run, comparison=comparison,
+            latency=timing, gate=gate, exit_code=code,
+        )
+        if report is not None:  # staged first: a report that cannot be written leaves OUT as it was
+            report.stage(run.to_report())
+        if write:
             if staged is not None:
                 staged.commit()
             else:
                 save_model(result.model, out)
-            written = True
-        if staged is not None:
-            output_bytes: int | None = staged.nbytes
-        else:
-            output_bytes = model_file_bytes(out) if written else result.model.ByteSize()
-        timing, gate = None, None
-        if latency is not None:
-            folded_model = staged.path if staged is not None else result.model  # after commit: the output
-            timing, gate = _measure({"original": src, "folded": folded_model}, latency, providers, progress)
+        if report is not None:
+            report.commit()
     finally:
         if staged is not None:
             staged.discard()  # nothing once committed
-    code = ExitCode.VERIFY_FAILED if failed else gate.exit_code if gate is not None else ExitCode.OK
-    return FoldRun(
-        input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result, written=written,
-        input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run, comparison=comparison,
-        latency=timing, gate=gate, exit_code=code,
-    )
+    return run
 
 
 def _fold_torchscript(
@@ -371,9 +384,13 @@ def time_files(
 
     ``report``: write the ``bnfold.latency-report/1`` JSON there (checked before timing).
     """
-    report_path = Path(os.fspath(report)) if report is not None else None
-    _check_writable(report_path)
-    base, cand = Path(os.fspath(baseline)), Path(os.fspath(candidate))
+    from bnfold.paths import as_path
+
+    base, cand = as_path(baseline, "baseline"), as_path(candidate, "candidate")
+    report_path = as_path(report, "report") if report is not None else None
+    for path in (base, cand):
+        _check_input(path)
+    _check_outputs([*_input_files(base), *_input_files(cand)], None, None, report_path)
     a, b = (base.name, cand.name) if base.name != cand.name else (str(base), str(cand))
     if a == b:
         a, b = f"{a} (A)", f"{b} (B)"
@@ -381,9 +398,9 @@ def time_files(
                             include_copies=include_copies, io_binding=io_binding)
     run = LatencyRun(timing, gate)
     if report_path is not None:
-        from bnfold.report import write_json
+        from bnfold.report_file import PendingReport
 
-        write_json(run.to_report(), report_path)
+        PendingReport(report_path).write(run.to_report())
     return run
 
 
@@ -405,14 +422,32 @@ def _stat_size(path: Path) -> int | None:
         return None
 
 
-def _check_writable(path: Path | None) -> None:
-    """Fail early, before any output exists, when ``path`` cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: directory {path.parent} does not exist")
+def _check_input(path: Path) -> None:
+    from bnfold.paths import check_input_file
+
+    check_input_file(path)
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The files an ONNX model at ``path`` reads: itself and its external data (just itself when it cannot
+    be read as a model: the fold says why, in its words)."""
+    from bnfold.onnx_io import load_lazily
+
+    try:
+        return [path, *load_lazily(path).store.referenced_files()]
+    except (BnfoldError, OSError):
+        return [path]
+
+
+def _check_outputs(inputs: Sequence[Path], model: Path | None, out: Path | None, report: Path | None) -> None:
+    """The path policy of :mod:`bnfold.paths`: raises PathError / OutputError before anything is written."""
+    from bnfold.paths import STDOUT, check_output_path, check_run_paths
+
+    if out is not None:
+        check_output_path(out, "-o/--output")
+    if report is not None and str(report) != STDOUT:
+        check_output_path(report, "--report")
+    check_run_paths(inputs, model=model, output=out, report=report)
 
 
 def _check_rules(options: FoldOptions) -> None:
