@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
-from bnfold.api import fold
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from bnfold.errors import (
     BadInputError,
     BnfoldError,
@@ -20,21 +23,83 @@ from bnfold.errors import (
     OutputError,
     VerificationFailedError,
 )
-from bnfold.onnx_io import load_model as load
-from bnfold.onnx_io import save_model as save
-from bnfold.passes import FoldedPair, FoldResult, Skip
-from bnfold.pipeline import FoldRun, fold_file
-from bnfold.rules.base import FoldOptions
-from bnfold.timing import GateResult, LatencyReport, latency
-from bnfold.torchscript import (  # torch itself is imported only when these are called
-    TorchExportResult,
-    TorchFoldResult,
-    fold_torch,
-    fold_torchscript,
-    is_torchscript,
-    torchscript_to_onnx,
-)
-from bnfold.verify import Comparison, verify  # bnfold.verify is the function; see bnfold/verify/__init__.py
+
+if TYPE_CHECKING:
+    from bnfold.api import fold
+    from bnfold.onnx_io import load_model as load
+    from bnfold.onnx_io import save_model as save
+    from bnfold.passes import FoldedPair, FoldResult, Skip
+    from bnfold.pipeline import FoldRun, fold_file
+    from bnfold.rules.base import FoldOptions
+    from bnfold.timing import GateResult, LatencyReport, latency
+    from bnfold.torchscript import (
+        TorchExportResult,
+        TorchFoldResult,
+        fold_torch,
+        fold_torchscript,
+        is_torchscript,
+        torchscript_to_onnx,
+    )
+    from bnfold.verify import Comparison, verify
+
+# Public names imported on first use (PEP 562), so that ``import bnfold`` and ``bnfold --version`` load
+# neither onnx, onnxruntime, numpy, rich nor torch: name -> (module, attribute).
+_LAZY = {
+    "fold": ("bnfold.api", "fold"),
+    "load": ("bnfold.onnx_io", "load_model"),
+    "save": ("bnfold.onnx_io", "save_model"),
+    "FoldedPair": ("bnfold.passes", "FoldedPair"),
+    "FoldResult": ("bnfold.passes", "FoldResult"),
+    "Skip": ("bnfold.passes", "Skip"),
+    "FoldRun": ("bnfold.pipeline", "FoldRun"),
+    "fold_file": ("bnfold.pipeline", "fold_file"),
+    "FoldOptions": ("bnfold.rules.base", "FoldOptions"),
+    "GateResult": ("bnfold.timing", "GateResult"),
+    "LatencyReport": ("bnfold.timing", "LatencyReport"),
+    "latency": ("bnfold.timing", "latency"),
+    "TorchExportResult": ("bnfold.torchscript", "TorchExportResult"),
+    "TorchFoldResult": ("bnfold.torchscript", "TorchFoldResult"),
+    "fold_torch": ("bnfold.torchscript", "fold_torch"),
+    "fold_torchscript": ("bnfold.torchscript", "fold_torchscript"),
+    "is_torchscript": ("bnfold.torchscript", "is_torchscript"),
+    "torchscript_to_onnx": ("bnfold.torchscript", "torchscript_to_onnx"),
+    "Comparison": ("bnfold.verify", "Comparison"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """``bnfold.verify`` stays the function even after the subpackage ``bnfold.verify`` is imported (the
+    import system then sets the package attribute to the subpackage; this setter ignores that)."""
+
+    @property
+    def verify(self) -> Any:
+        from bnfold.verify.check import verify
+
+        return verify
+
+    @verify.setter
+    def verify(self, value: Any) -> None:
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("bnfold.verify cannot be replaced")
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 

@@ -6,6 +6,7 @@ import os
 
 import onnx
 
+from bnfold.errors import OutputError
 from bnfold.onnx_io import ModelSource, StagedModel, load_lazily, load_model, materialize
 from bnfold.passes import FoldResult, fold_in_place, fold_onnx
 from bnfold.rules.base import FoldOptions
@@ -73,8 +74,13 @@ def _fold_to_file(
         else:
             lazy = load_lazily(model)
             store, external = lazy.store, (None if lazy.inline else True)
-            store.open_spill(staged.scratch)
-            result = fold_in_place(lazy.proto, options, check=check, store=store)
+            try:
+                store.open_spill(staged.scratch)
+                result = fold_in_place(lazy.proto, options, check=check, store=store)
+            except OutputError as exc:  # the scratch file is ours, not the user's: name the output
+                cause = exc.__cause__
+                detail = getattr(cause, "strerror", None) or cause or exc
+                raise OutputError(f"{staged.target}: cannot write ({detail})") from exc
         staged.write(result.model, store=store, external_data=external)
         if store is not None:
             store.close()

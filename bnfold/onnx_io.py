@@ -145,6 +145,9 @@ def load_lazily(source: str | os.PathLike[str], *, min_bytes: int = LAZY_MIN_BYT
                     store.ref(tensor)
                 except (BadInputError, ValueError) as exc:  # ValueError: offset 'abc', a NUL in the location
                     raise BadInputError(f"{path}: external data could not be read ({exc})") from exc
+                except OSError as exc:  # a location the file system refuses (a name over 255 bytes)
+                    raise BadInputError(f"{path}: external data of tensor '{tensor.name}' could not be read "
+                                        f"({exc.strerror or exc})") from exc
     log.debug("%s: %d tensors left on disk", path, len(lazy))
     return LazyModel(model, store, path, inline)
 

@@ -22,7 +22,6 @@ major version)::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from typing import Any
@@ -79,11 +78,10 @@ def fold_report(
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the report atomically (same guarantees as the model)."""
-    from bnfold.onnx_io import atomic_write_bytes
+    """Write the report atomically (same guarantees as the model; ``"-"``: standard output)."""
+    from bnfold.report_file import PendingReport
 
-    data = json.dumps(report, indent=2, sort_keys=False, default=str).encode() + b"\n"
-    atomic_write_bytes(path, data)
+    PendingReport(path).write(report)
 
 
 def _size(n: int | None) -> str:
