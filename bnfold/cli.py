@@ -310,14 +310,20 @@ def rules_cmd(full: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps every outcome to an exit code, never a traceback."""
+    from bnfold.signals import handle_termination
+
+    with handle_termination():  # SIGTERM, SIGHUP: cleaned up like Ctrl-C, exit 128 + signal
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
 
     def fail(text: str, code: int) -> NoReturn:  # one unwrapped line on stderr (rich would wrap long paths)
         click.echo(text, err=True)
         sys.exit(code)
 
-    from bnfold.signals import Terminated, handle_termination
+    from bnfold.signals import Terminated
 
-    handle_termination()  # SIGTERM, SIGHUP: cleaned up like Ctrl-C, exit 128 + signal
     try:
         rv = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except click.exceptions.Exit as exc:

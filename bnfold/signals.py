@@ -21,8 +21,10 @@ import re
 import signal
 import socket
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 __all__ = ["Terminated", "handle_termination", "remove_stale_staging", "staging_prefix"]
 
@@ -54,11 +56,20 @@ def _raise(signum: int, frame: FrameType | None) -> None:
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 
 
-def handle_termination() -> None:
-    """From now on SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (a no-op elsewhere)."""
+@contextlib.contextmanager
+def handle_termination() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (a no-op in
+    other threads); the previous handlers come back after it."""
+    previous: dict[int, Any] = {}
     for sig in _SIGNALS:
         with contextlib.suppress(ValueError, OSError):  # not the main thread, or a platform without it
-            signal.signal(sig, _raise)
+            previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
 
 
 def _host() -> str:
