@@ -53,7 +53,10 @@ def _console(stderr: bool = False) -> Console:
 
     stream = sys.stderr if stderr else sys.stdout
     if not _is_terminal(stream) and "COLUMNS" not in os.environ:  # a log file: nothing wraps, no colour
-        console: Console = _log_console(stderr=stderr, highlight=False, soft_wrap=True, no_color=True)
+        from bnfold.messages import LOG_WIDTH
+
+        console: Console = _log_console(stderr=stderr, highlight=False, soft_wrap=True, no_color=True,
+                                        width=LOG_WIDTH)
     else:
         console = Console(stderr=stderr, highlight=False, soft_wrap=False)
     console.on_broken_pipe = _quiet_broken_pipe  # type: ignore[method-assign]  # `bnfold rules | head`
@@ -79,7 +82,7 @@ def _log_console_class() -> type[Console]:
             for obj in objects:
                 width = natural_width(self, obj)
                 if width is not None and "width" not in kwargs:
-                    super().print(obj, **kwargs, width=width, crop=False)
+                    super().print(obj, **kwargs, width=width, soft_wrap=False)
                 else:
                     super().print(obj, **kwargs)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["natural_width", "one_line"]
+__all__ = ["LOG_WIDTH", "natural_width", "one_line"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -33,12 +33,19 @@ def one_line(text: str, limit: int = 2000) -> str:
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
-def natural_width(console: Any, renderable: Any) -> int | None:
-    """The width ``renderable`` (a rich table) takes when nothing wraps; None for other renderables."""
-    from rich.measure import Measurement
-    from rich.table import Table
+LOG_WIDTH = 1 << 14
+"""The width of a console writing to a log file: wide enough that nothing measured needs more."""
 
-    if not isinstance(renderable, Table):
+
+def natural_width(console: Any, renderable: Any) -> int | None:
+    """The width ``renderable`` takes when nothing in it wraps (tables, groups of tables and text); 80 for
+    a rule (it would fill any width); None for a plain string (printed without wrapping)."""
+    from rich.measure import Measurement
+    from rich.rule import Rule
+
+    if isinstance(renderable, str):
         return None
-    options = console.options.update(max_width=1 << 16, width=1 << 16)
-    return max(Measurement.get(console, options, renderable).maximum, 1)
+    if isinstance(renderable, Rule):
+        return 80
+    options = console.options.update(max_width=LOG_WIDTH, width=LOG_WIDTH)
+    return min(max(Measurement.get(console, options, renderable).maximum, 1), LOG_WIDTH)
