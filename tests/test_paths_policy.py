@@ -326,3 +326,21 @@ def test_huge_declared_input_is_refused_with_a_hint(tmp_path: Path, capsys: pyte
     assert code == ExitCode.BAD_INPUT
     one_error(err, "--shape x=DIMS")
     assert "4,398,046,511,104 bytes" in err
+
+
+def test_verify_report_naming_a_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = inline_model(tmp_path, "a.onnx"), inline_model(tmp_path, "b.onnx")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["verify", str(a), str(b), "--report", str(b)], capsys)
+    assert code == ExitCode.USAGE
+    one_error(err, "a file the input reads")
+    assert snapshot(tmp_path) == before
+
+
+def test_latency_report_naming_a_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = inline_model(tmp_path, "a.onnx"), inline_model(tmp_path, "b.onnx")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["latency", str(a), str(b), "--report", str(a), "--runs", "1"], capsys)
+    assert code == ExitCode.USAGE
+    one_error(err, "a file the input reads")
+    assert snapshot(tmp_path) == before

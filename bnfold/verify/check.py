@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from bnfold.errors import BadInputError, first_line
+from bnfold.memory import release_freed_memory
 from bnfold.runtime import (
     CPU,
     EXACT_PROVIDER_OPTIONS,
@@ -232,6 +233,7 @@ def _verify(
                 original_fails = str(exc)
                 break
         del s_orig
+        release_freed_memory()  # the original's weights go back to the system before the folded loads
         if original_fails:
             short = provider.removesuffix("ExecutionProvider")
             notes.append(f"{short} not checked: the original model fails there: {original_fails}")
@@ -252,6 +254,7 @@ def _verify(
                 continue
             runs.append(RunComparison(provider, seed, _compare_outputs(refs.pop(seed), got, tolerances)))
         del s_fold, refs
+        release_freed_memory()
         checked.append(provider)
         if provider in EXACT_PROVIDER_OPTIONS:
             opts = ", ".join(f"{k}={v}" for k, v in EXACT_PROVIDER_OPTIONS[provider].items())
