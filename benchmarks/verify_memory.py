@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--external", action="store_true", help="save the model with external data")
     parser.add_argument("--code", type=Path, action="append", help="a bnfold checkout (repeatable)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per row (median kept)")
     parser.add_argument("--workdir", type=Path, help="where the model goes (default: a temporary folder)")
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # internal: build the model and exit
     args = parser.parse_args()
@@ -113,15 +115,27 @@ def main() -> None:
         print(f"model: {args.layers} x Gemm({args.width}x{args.width}) + BatchNormalization, "
               f"{size / mb:.0f} MB{' (external data)' if args.external else ''}; peak RSS of a fresh process")
         print()
-        print("| code | run | peak RSS MB | peak / model | above floor / model |")
-        print("|---|---|--:|--:|--:|")
+        print(f"median of {args.repeat} runs (min-max); codes interleaved run by run")
+        print()
+        print("| code | run | peak RSS MB | range MB | peak / model | above floor / model |")
+        print("|---|---|--:|--:|--:|--:|")
+        jobs = [("floor", FLOOR, ()), ("no-verify", RUN, (str(src), str(out), "no-verify")),
+                ("verify", RUN, (str(src), str(out), "verify"))]
+        peaks: dict[tuple[Path, str], list[int]] = {}
+        for _ in range(args.repeat):
+            for name, script, extra in jobs:
+                for code in codes:
+                    peaks.setdefault((code, name), []).append(peak_rss(code, script, *extra))
+        labels = {"floor": "interpreter + imports (floor)", "no-verify": "fold, --no-verify",
+                  "verify": "fold + verification (default)"}
         for code in codes:
-            floor = peak_rss(code, FLOOR)
-            print(f"| {code} | interpreter + imports (floor) | {floor / mb:.0f} | {floor / size:.2f} | - |")
-            for mode in ("no-verify", "verify"):
-                peak = peak_rss(code, RUN, str(src), str(out), mode)
-                label = "fold, --no-verify" if mode == "no-verify" else "fold + verification (default)"
-                print(f"| {code} | {label} | {peak / mb:.0f} | {peak / size:.2f} | {(peak - floor) / size:.2f} |")
+            floor = statistics.median(peaks[code, "floor"])
+            for name, _, _ in jobs:
+                runs = peaks[code, name]
+                peak = statistics.median(runs)
+                above = "-" if name == "floor" else f"{(peak - floor) / size:.2f}"
+                print(f"| {code} | {labels[name]} | {peak / mb:.0f} | {min(runs) / mb:.0f}-{max(runs) / mb:.0f} | "
+                      f"{peak / size:.2f} | {above} |")
 
 
 if __name__ == "__main__":
