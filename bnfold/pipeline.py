@@ -205,9 +205,7 @@ def fold_file(
     try:
         if torchscript:
             run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
-                                    force=force, opset=opset, eval_mode=eval_mode, progress=progress)
-            if pending is not None:
-                pending.write(run.to_report())
+                                    force=force, opset=opset, eval_mode=eval_mode, progress=progress, report=pending)
         else:
             run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), check=check,
                              shapes=shapes, verify=verify, verify_options=verify_options, force=force,
@@ -317,6 +315,7 @@ def _fold_torchscript(
     opset: int,
     eval_mode: bool,
     progress: ProgressCallback | None,
+    report: PendingReport | None = None,
 ) -> FoldRun:
     from bnfold.errors import VerificationFailedError
     from bnfold.torchscript import ShapesArg as TorchShapes
@@ -332,7 +331,7 @@ def _fold_torchscript(
         torch_shapes = {k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
     else:
         torch_shapes = shapes
-    dst = None if dry_run else out
+    dst = None  # written below, once the report is staged
     to_onnx = out.suffix.lower() == ".onnx"
     _tell(progress, "fold")
     outcome: TorchFoldResult | TorchExportResult
@@ -351,20 +350,30 @@ def _fold_torchscript(
         if not isinstance(exc.result, TorchFoldResult | TorchExportResult):
             raise
         outcome = exc.result
-    written = outcome.path is not None
-    if written:
-        output_bytes = model_file_bytes(out) if to_onnx else _stat_size(out)
-    else:
-        output_bytes = (outcome.model.ByteSize() if isinstance(outcome, TorchExportResult)
-                        else len(outcome.archive))
     comparison = outcome.comparison
     failed = comparison is not None and not comparison.passed
-    return FoldRun(
+    written = not dry_run and (not failed or force)
+    output_bytes = (outcome.model.ByteSize() if isinstance(outcome, TorchExportResult)
+                    else len(outcome.archive))
+    run = FoldRun(
         input_path=src, input_format="torchscript", output_path=None if dry_run else out,
         fold=outcome.fold if isinstance(outcome, TorchExportResult) else outcome,
         written=written, input_bytes=_stat_size(src), output_bytes=output_bytes, dry_run=dry_run,
         comparison=comparison, exit_code=ExitCode.VERIFY_FAILED if failed else ExitCode.OK, torch=outcome,
     )
+    if report is not None:  # staged first: a report that cannot be written leaves OUT as it was
+        report.stage(run.to_report())
+    if written:
+        from bnfold.onnx_io import atomic_write_bytes, save_model
+
+        if isinstance(outcome, TorchExportResult):
+            save_model(outcome.model, out)
+        else:
+            atomic_write_bytes(out, outcome.archive)
+        outcome.path = os.fspath(out)
+    if report is not None:
+        report.commit()
+    return run
 
 
 def time_files(

@@ -344,3 +344,38 @@ def test_latency_report_naming_a_model_is_refused(tmp_path: Path, capsys: pytest
     assert code == ExitCode.USAGE
     one_error(err, "a file the input reads")
     assert snapshot(tmp_path) == before
+
+
+def _torchscript_model(folder: Path) -> Path:
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    path = folder / "m.pt"
+    with pytest.warns(DeprecationWarning):  # torch.jit.* is deprecated in this torch
+        torch.jit.save(torch.jit.trace(module, torch.randn(1, 3, 8, 8)), str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_report_on_a_full_disk_leaves_out_as_it_was(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _torchscript_model(tmp_path)
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"previous OUT")
+    _full_disk_for_fdopen(monkeypatch)
+    code, _, err = run_cli([str(src), "-o", str(out), "--report", str(tmp_path / "r.json")], capsys)
+    assert code == ExitCode.OUTPUT_ERROR
+    one_error(err, "r.json: cannot write the report (No space left on device)")
+    assert out.read_bytes() == b"previous OUT"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_output_and_report_written_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _torchscript_model(tmp_path)
+    out, rep = tmp_path / "o.pt", tmp_path / "r.json"
+    code, _, err = run_cli([str(src), "-o", str(out), "--report", str(rep), "-q"], capsys)
+    assert code == ExitCode.OK, err
+    import json
+
+    report = json.loads(rep.read_text())
+    assert report["output"]["written"] is True and report["output"]["bytes"] == out.stat().st_size
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(rep.stat().st_mode)
