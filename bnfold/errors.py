@@ -7,7 +7,8 @@ code  name                meaning
 ====  ==================  ==========================================================
 0     OK                  success (including "nothing to fold")
 1     INTERNAL            a bug in bnfold: please report it
-2     USAGE               bad command-line usage (click's own code)
+2     USAGE               bad command-line usage (click's own code), or paths a run must not write
+                          (an output that is a file the input reads, a FIFO, a device, a folder)
 3     BAD_INPUT           the input is unreadable, not a model, or an invalid model
 4     VERIFY_FAILED       the folded model does not match the original; nothing written
 5     GATE_FAILED         the latency gate failed (folded model slower than allowed)
@@ -15,7 +16,9 @@ code  name                meaning
 7     MISSING_DEPENDENCY  an optional extra is needed (for instance ``bnfold[torch]``)
 8     UNVERIFIED          a fold no check covered (the whole model does not run and the fold could not be
                           checked alone); nothing written unless ``--force``
-130   INTERRUPTED         interrupted (Ctrl-C); no partial output is left behind
+129   HANGUP              SIGHUP (terminal closed); staging removed, no partial output left behind
+130   INTERRUPTED         interrupted (Ctrl-C, SIGINT); no partial output is left behind
+143   TERMINATED          SIGTERM (``timeout``, CI cancellation, ``docker stop``); as for SIGINT
 ====  ==================  ==========================================================
 """
 
@@ -31,6 +34,7 @@ __all__ = [
     "MissingDependencyError",
     "OptionError",
     "OutputError",
+    "PathError",
     "VerificationFailedError",
     "first_line",
 ]
@@ -46,7 +50,9 @@ class ExitCode(IntEnum):
     OUTPUT_ERROR = 6
     MISSING_DEPENDENCY = 7
     UNVERIFIED = 8
+    HANGUP = 129
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 class BnfoldError(Exception):
@@ -65,6 +71,14 @@ class OutputError(BnfoldError):
     """The output could not be written. The input and any previous output are untouched."""
 
     exit_code = ExitCode.OUTPUT_ERROR
+
+
+class PathError(BnfoldError):
+    """A path the run must not write (see :mod:`bnfold.io.paths`): an output or report that is a file the input
+    reads or the other output, or that names a FIFO, a device or a folder. Refused before anything is
+    read or written; a usage error (exit 2), one line."""
+
+    exit_code = ExitCode.USAGE
 
 
 class VerificationFailedError(BnfoldError):

@@ -29,6 +29,7 @@ from bnfold.timing.options import LatencyOptions
 
 if TYPE_CHECKING:
     from bnfold.io.load import ModelSource
+    from bnfold.io.report_file import PendingReport
     from bnfold.timing import GateResult, LatencyReport
     from bnfold.torch import TorchExportResult, TorchFoldResult
 
@@ -93,37 +94,45 @@ def fold_file(
     Raises OptionError (an unknown rule, a TorchScript output for an ONNX input, shapes that cannot be
     meant, a level this onnxruntime lacks), BadInputError, OutputError, MissingDependencyError.
     """
+    from bnfold.io.paths import as_path
+    from bnfold.io.report_file import PendingReport
     from bnfold.torch import is_torchscript
 
     verify_options = verify_options or VerifyOptions()
-    report_path = Path(os.fspath(report)) if report is not None else None
-    _check_writable(report_path)  # before anything is written: a bad report path must not leave a model behind
+    src = as_path(src, "src")
+    out_arg = as_path(dst, "dst") if dst is not None else None
+    report_path = as_path(report, "report") if report is not None else None
     if latency is not None and latency.plot is not None:
         from bnfold.timing.plot import check_plot_path
 
         check_plot_path(latency.plot)
-    src = Path(os.fspath(src))
+    _check_input(src)  # a regular, readable file: nothing else is opened (a FIFO blocks, a device never ends)
     torchscript = is_torchscript(src)
     program = not torchscript and _is_exported_program(src)
     suffix = src.suffix or (".pt" if torchscript else ".pt2" if program else ".onnx")
-    default = src.with_name(f"{src.stem}.folded{suffix}")
-    out = Path(os.fspath(dst)) if dst is not None else default
-    if program:
-        from bnfold.torch.program_pipeline import fold_program_file
+    out = out_arg if out_arg is not None else src.with_name(f"{src.stem}.folded{suffix}")
+    # before anything is written: no output over a file the input reads, nothing but regular files
+    _check_outputs([src] if torchscript or program else _input_files(src), src, None if dry_run else out, report_path)
+    pending = PendingReport(report_path) if report_path is not None else None
+    try:
+        if program:
+            from bnfold.torch.program_pipeline import fold_program_file
 
-        run = fold_program_file(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
-                                force=force, opset=opset, progress=progress)
-    elif torchscript:
-        run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
-                                force=force, opset=opset, eval_mode=eval_mode, progress=progress)
-    else:
-        run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), shapes=shapes,
-                         verify=verify, verify_options=verify_options, force=force, providers=providers,
-                         latency=latency, progress=progress)
-    if report_path is not None:
-        from bnfold.report import write_json
-
-        write_json(run.to_report(), report_path)
+            run = fold_program_file(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
+                                    force=force, opset=opset, progress=progress)
+            if pending is not None:
+                pending.stage(run.to_report())
+                pending.commit()
+        elif torchscript:
+            run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
+                                    force=force, opset=opset, eval_mode=eval_mode, progress=progress, report=pending)
+        else:
+            run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), shapes=shapes,
+                             verify=verify, verify_options=verify_options, force=force, providers=providers,
+                             latency=latency, progress=progress, report=pending)
+    finally:
+        if pending is not None:
+            pending.discard()
     return run
 
 
@@ -172,6 +181,7 @@ def _fold_onnx(
     providers: Sequence[str] | None,
     latency: LatencyOptions | None,
     progress: ProgressCallback | None,
+    report: PendingReport | None = None,
 ) -> FoldRun:
     from bnfold.folding.passes import fold_model
     from bnfold.io.load import load_lazily
@@ -190,11 +200,16 @@ def _fold_onnx(
             cleanup.callback(staged.discard)  # nothing once committed
         lazy = load_lazily(src)  # tensors read on demand; new large ones spilled beside the output
         store = lazy.store
-        if staged is not None:
-            store.open_spill(staged.scratch)
-            cleanup.callback(store.close)
-        result = fold_model(lazy.proto, options, copy=False, data=store,
-                            keep=store.spill if staged is not None else None)
+        try:
+            if staged is not None:
+                store.open_spill(staged.scratch)
+                cleanup.callback(store.close)
+            result = fold_model(lazy.proto, options, copy=False, data=store,
+                                keep=store.spill if staged is not None else None)
+        except OutputError as exc:  # the scratch file is ours, not the user's: name the output
+            cause = exc.__cause__
+            detail = getattr(cause, "strerror", None) or cause or exc
+            raise OutputError(f"{out}: cannot write ({detail})") from exc
         if staged is not None:
             staged.write(result.model, store=store, external_data=None if lazy.inline else True)
             store.close()
@@ -221,22 +236,27 @@ def _fold_onnx(
         code_if_failed = ExitCode.VERIFY_FAILED
         if per_fold is not None and not per_fold.failed and per_fold.uncovered:
             code_if_failed = ExitCode.UNVERIFIED
-        written = staged is not None and (not failed or force)
-        if written:
+        write = staged is not None and (not failed or force)
+        timing, gate = None, None
+        if latency is not None:  # the staged file holds the bytes the output will have
+            folded_model = staged.path if staged is not None else result.model
+            timing, gate = _measure({"original": src, "folded": folded_model}, latency, providers, progress)
+        output_bytes = staged.nbytes if staged is not None else result.model.ByteSize()
+        code = code_if_failed if failed else gate.exit_code if gate is not None else ExitCode.OK
+        run = FoldRun(
+            input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result.summary(),
+            written=write, input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run,
+            comparison=comparison, latency=timing, gate=gate, exit_code=code, per_fold=per_fold,
+            whole_model_error=whole_error,
+        )
+        if report is not None:  # staged first: a report that cannot be written leaves OUT as it was
+            report.stage(run.to_report())
+        if write:
             assert staged is not None
             staged.commit()
-        output_bytes = staged.nbytes if staged is not None else result.model.ByteSize()
-        timing, gate = None, None
-        if latency is not None:
-            folded_model = staged.path if staged is not None else result.model  # after commit: the output
-            timing, gate = _measure({"original": src, "folded": folded_model}, latency, providers, progress)
-    code = code_if_failed if failed else gate.exit_code if gate is not None else ExitCode.OK
-    return FoldRun(
-        input_path=src, input_format="onnx", output_path=None if dry_run else out, fold=result.summary(),
-        written=written, input_bytes=input_bytes, output_bytes=output_bytes, dry_run=dry_run,
-        comparison=comparison, latency=timing, gate=gate, exit_code=code, per_fold=per_fold,
-        whole_model_error=whole_error,
-    )
+        if report is not None:
+            report.commit()
+    return run
 
 
 def _fold_torchscript(
@@ -251,6 +271,7 @@ def _fold_torchscript(
     opset: int,
     eval_mode: bool,
     progress: ProgressCallback | None,
+    report: PendingReport | None = None,
 ) -> FoldRun:
     from bnfold.check import Tolerances
     from bnfold.errors import VerificationFailedError
@@ -266,7 +287,7 @@ def _fold_torchscript(
         torch_shapes = {k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
     else:
         torch_shapes = shapes
-    dst = None if dry_run else out
+    dst = None  # written below, once the report is staged
     to_onnx = out.suffix.lower() == ".onnx"
     _tell(progress, "fold")
     outcome: TorchFoldResult | TorchExportResult
@@ -285,20 +306,30 @@ def _fold_torchscript(
         if not isinstance(exc.result, TorchFoldResult | TorchExportResult):
             raise
         outcome = exc.result
-    written = outcome.path is not None
-    if written:
-        output_bytes = model_file_bytes(out) if to_onnx else _stat_size(out)
-    else:
-        output_bytes = (outcome.model.ByteSize() if isinstance(outcome, TorchExportResult)
-                        else len(outcome.archive))
     comparison = outcome.comparison
     failed = comparison is not None and not comparison.passed
-    return FoldRun(
+    written = not dry_run and (not failed or force)
+    output_bytes = (outcome.model.ByteSize() if isinstance(outcome, TorchExportResult)
+                    else len(outcome.archive))
+    run = FoldRun(
         input_path=src, input_format="torchscript", output_path=None if dry_run else out,
         fold=outcome.fold.summary() if isinstance(outcome, TorchExportResult) else outcome,
         written=written, input_bytes=_stat_size(src), output_bytes=output_bytes, dry_run=dry_run,
         comparison=comparison, exit_code=ExitCode.VERIFY_FAILED if failed else ExitCode.OK, torch=outcome,
     )
+    if report is not None:  # staged first: a report that cannot be written leaves OUT as it was
+        report.stage(run.to_report())
+    if written:
+        from bnfold.io.save import atomic_write_bytes, save_model
+
+        if isinstance(outcome, TorchExportResult):
+            save_model(outcome.model, out)
+        else:
+            atomic_write_bytes(out, outcome.archive)
+        outcome.path = os.fspath(out)
+    if report is not None:
+        report.commit()
+    return run
 
 
 def time_files(
@@ -318,9 +349,13 @@ def time_files(
 
     ``report``: write the ``bnfold.latency-report/1`` JSON there (checked before timing).
     """
-    report_path = Path(os.fspath(report)) if report is not None else None
-    _check_writable(report_path)
-    base, cand = Path(os.fspath(baseline)), Path(os.fspath(candidate))
+    from bnfold.io.paths import as_path
+
+    base, cand = as_path(baseline, "baseline"), as_path(candidate, "candidate")
+    report_path = as_path(report, "report") if report is not None else None
+    for path in (base, cand):
+        _check_input(path)
+    _check_outputs([*_input_files(base), *_input_files(cand)], None, None, report_path)
     a, b = (base.name, cand.name) if base.name != cand.name else (str(base), str(cand))
     if a == b:
         a, b = f"{a} (A)", f"{b} (B)"
@@ -328,9 +363,9 @@ def time_files(
                             shapes=shapes, include_copies=include_copies, io_binding=io_binding)
     run = LatencyRun(timing, gate)
     if report_path is not None:
-        from bnfold.report import write_json
+        from bnfold.io.report_file import PendingReport
 
-        write_json(run.to_report(), report_path)
+        PendingReport(report_path).write(run.to_report())
     return run
 
 
@@ -352,14 +387,32 @@ def _stat_size(path: Path) -> int | None:
         return None
 
 
-def _check_writable(path: Path | None) -> None:
-    """Fail early, before any output exists, when ``path`` cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: directory {path.parent} does not exist")
+def _check_input(path: Path) -> None:
+    from bnfold.io.paths import check_input_file
+
+    check_input_file(path)
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The files an ONNX model at ``path`` reads: itself and its external data (just itself when it cannot
+    be read as a model: the fold says why, in its words)."""
+    from bnfold.io.load import load_lazily
+
+    try:
+        return [path, *load_lazily(path).store.referenced_files()]
+    except (BnfoldError, OSError):
+        return [path]
+
+
+def _check_outputs(inputs: Sequence[Path], model: Path | None, out: Path | None, report: Path | None) -> None:
+    """The path policy of :mod:`bnfold.io.paths`: raises PathError / OutputError before anything is written."""
+    from bnfold.io.paths import STDOUT, check_output_path, check_run_paths
+
+    if out is not None:
+        check_output_path(out, "-o/--output")
+    if report is not None and str(report) != STDOUT:
+        check_output_path(report, "--report")
+    check_run_paths(inputs, model=model, output=out, report=report)
 
 
 def _check_rules(options: FoldOptions) -> None:

@@ -23,7 +23,6 @@ major version)::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -103,11 +102,10 @@ def fold_report(
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the report atomically (same guarantees as the model)."""
-    from bnfold.io.save import atomic_write_bytes
+    """Write the report atomically (same guarantees as the model; ``"-"``: standard output)."""
+    from bnfold.io.report_file import PendingReport
 
-    data = json.dumps(report, indent=2, sort_keys=False, default=str).encode() + b"\n"
-    atomic_write_bytes(path, data)
+    PendingReport(path).write(report)
 
 
 def _size(n: int | None) -> str:

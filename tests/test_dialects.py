@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold
 from bnfold.check import verify
 from bnfold.check.feeds import model_inputs
-from bnfold.cli import main
+from bnfold.cli.app import main
 from bnfold.errors import ExitCode
 from tests import dialects
 

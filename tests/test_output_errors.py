@@ -56,7 +56,7 @@ def test_missing_output_directory(tmp_path: Path, src: Path, capsys: pytest.Capt
 
 def test_output_is_a_directory(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "out" / "o.onnx").mkdir(parents=True)
-    _fail_output(tmp_path, src, tmp_path / "out" / "o.onnx", capsys, ExitCode.OUTPUT_ERROR, "is a directory")
+    _fail_output(tmp_path, src, tmp_path / "out" / "o.onnx", capsys, ExitCode.USAGE, "is a directory")
 
 
 def test_output_under_a_file(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,7 @@ import bnfold
 from bnfold.check import verify
 from bnfold.check.per_fold import check_folds
 from bnfold.check.sensitivity import FACTOR
-from bnfold.cli import main
+from bnfold.cli.app import main
 from bnfold.errors import ExitCode
 from bnfold.pipeline import fold_file
 from tests import dialects

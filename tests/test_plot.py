@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bnfold.check.runtime import CPU
-from bnfold.cli import main
+from bnfold.cli.app import main
 from bnfold.errors import ExitCode, MissingDependencyError, OptionError
 from bnfold.timing import (
     ConfigResult,

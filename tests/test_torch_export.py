@@ -173,7 +173,7 @@ def test_cli_pipeline_pt2_and_onnx(tmp_path: Path) -> None:
     n_bn = nets.count_bn_modules(module)
     src = pt2(export(module, batched(shape, 2, 0), dynamic=True), tmp_path / "m.pt2")
 
-    from bnfold.cli import main  # bnfold m.pt2 -o f.pt2, as a user types it
+    from bnfold.cli.app import main  # bnfold m.pt2 -o f.pt2, as a user types it
 
     with pytest.raises(SystemExit) as info:
         main([str(src), "-o", str(tmp_path / "f.pt2"), "--seeds", "0,1", "--report", str(tmp_path / "r.json"),

@@ -30,6 +30,7 @@ check uses them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
@@ -328,6 +329,24 @@ def _check_shape(spec: InputSpec, shape: tuple[int, ...], what: str) -> None:
             )
 
 
+MAX_GENERATED_BYTES = 1 << 31
+"""Largest input generated for verification (2 GiB): a declared shape beyond it is refused, with a hint,
+before anything is allocated."""
+
+
+def _check_generated_size(spec: InputSpec, shape: tuple[int, ...]) -> None:
+    """Refuse a negative dim, or a generated input over :data:`MAX_GENERATED_BYTES`, before allocating it."""
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise BadInputError(f"input {spec.name!r} has dim {d} at position {i}, which no tensor can have; "
+                                f"pass a shape with --shape {spec.name}=DIMS")
+    nbytes = math.prod(shape) * np.dtype(spec.dtype).itemsize
+    if nbytes > MAX_GENERATED_BYTES:
+        raise BadInputError(f"input {spec.name!r} of shape {list(shape)} would take {nbytes:,} bytes to generate "
+                            f"(at most {MAX_GENERATED_BYTES:,}); pass a smaller one with --shape {spec.name}=DIMS "
+                            "or real data with --inputs FILE.npz")
+
+
 def _fmt_dims(dims: Sequence[Dim]) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
 
@@ -443,6 +462,9 @@ def plan_feeds(
         resolved[spec.name] = tuple(dims)
         if guessed:
             defaulted[spec.name] = tuple(guessed)
+    for spec in specs:
+        if spec.name not in given:
+            _check_generated_size(spec, resolved[spec.name])
     if defaulted:
         logger.info("dynamic dims defaulted: %s", defaulted)
     return FeedPlan(

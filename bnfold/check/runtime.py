@@ -280,10 +280,12 @@ def create_session(
     threads: int | None = None,
     provider_options: Mapping[str, str] | None = None,
     spinning: bool = True,
+    config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """One session on ``provider`` at optimization ``level`` (a :data:`LEVELS` name) with ``threads``
     intra-op threads (None: onnxruntime's default). ``spinning=False`` stops idle worker threads from
-    busy-waiting: two sessions timed in turn then do not steal cores from each other.
+    busy-waiting: two sessions timed in turn then do not steal cores from each other. ``config``: extra
+    session config entries.
 
     Raises SessionError when onnxruntime refuses the model or silently falls back to another provider.
     """
@@ -295,6 +297,8 @@ def create_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 4  # failures come back as exceptions; a library keeps the terminal clean
+    for key, value in (config or {}).items():  # session config entries, e.g. VERIFY_SESSION_CONFIG
+        options.add_session_config_entry(key, value)
     if model.data is not None and model.external_dir is not None:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(model.external_dir))
     source = model.data if model.data is not None else str(model.path)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from bnfold.check.compare import OutputComparison, Tolerances, compare_arrays
 from bnfold.check.feeds import FeedPlan, InputsArg, model_inputs, plan_feeds
 from bnfold.check.localise import FoldRef, fold_candidates, localise
+from bnfold.check.memory import release_freed_memory
 from bnfold.check.options import DEFAULT_SEEDS, VerifyOptions
 from bnfold.check.per_fold import PerFoldResult, check_folds
 from bnfold.check.result import Comparison, RunComparison, verification_environment
@@ -203,10 +204,12 @@ def _verify(
     plan = _plan(orig, options.shapes, options.inputs, options.input_ranges, threads, opened)
     problems, notes = _signature(orig, fold)
     notes += plan.notes
+    opened.clear()  # the sizes' probe session of the original: one session at a time from here
+    release_freed_memory()
 
-    def probe(provider: str) -> str | None:
+    def probe(provider: str) -> str | None:  # the session is dropped: one session at a time, CPU's first
         try:
-            opened[provider] = check_session(orig, provider, threads)
+            check_session(orig, provider, threads)
         except SessionError as exc:
             return str(exc)
         return None
@@ -231,7 +234,7 @@ def _verify(
     checked: list[str] = []
     for provider in chosen:
         try:
-            s_orig = opened.pop(provider, None) or check_session(orig, provider, threads)
+            s_orig = check_session(orig, provider, threads)
         except SessionError as exc:
             if provider == CPU:
                 first = first_line(exc)
@@ -241,43 +244,49 @@ def _verify(
                 ) from None
             notes.append(f"{provider.removesuffix('ExecutionProvider')} not checked: {exc}")
             continue
+        # One session at a time (peak memory: one model, not two): the original on every seed, its outputs
+        # kept and its session dropped, then the folded model.
+        refs: dict[int | None, dict[str, object]] = {}
+        original_fails = ""
+        for seed in seed_list:
+            if seed not in feeds_cache:
+                feeds_cache[seed] = plan.feeds(seed)
+            try:
+                refs[seed] = run_session(s_orig, feeds_cache[seed])
+            except RunError as exc:
+                if provider == CPU:
+                    raise _original_failed(plan, provider, str(exc)) from None
+                original_fails = str(exc)
+                break
+        del s_orig
+        release_freed_memory()  # the original's weights go back to the system before the folded loads
+        if original_fails:
+            short = provider.removesuffix("ExecutionProvider")
+            notes.append(f"{short} not checked: the original model fails there: {original_fails}")
+            continue
         try:
             s_fold, fold_error = check_session(fold, provider, threads), ""
         except SessionError as exc:
             s_fold, fold_error = None, f"the folded model does not load on {provider}: {exc}"
-        provider_runs: list[RunComparison] = []
         for seed in seed_list:
-            if seed not in feeds_cache:
-                feeds_cache[seed] = plan.feeds(seed)
-            feeds = feeds_cache[seed]
-            try:
-                ref = run_session(s_orig, feeds)
-            except RunError as exc:
-                if provider == CPU:
-                    raise _original_failed(plan, provider, str(exc)) from None
-                short = provider.removesuffix("ExecutionProvider")
-                notes.append(f"{short} not checked: the original model fails there: {exc}")
-                provider_runs = []
-                break
             if s_fold is None:
-                provider_runs.append(RunComparison(provider, seed, (), fold_error))
+                runs.append(RunComparison(provider, seed, (), fold_error))
                 continue
             try:
-                got = run_session(s_fold, feeds)
+                got = run_session(s_fold, feeds_cache[seed])
             except RunError as exc:
                 error = f"the folded model fails on {provider}: {exc}"
-                provider_runs.append(RunComparison(provider, seed, (), error))
+                runs.append(RunComparison(provider, seed, (), error))
                 continue
-            provider_runs.append(RunComparison(provider, seed, _compare_outputs(ref, got, tolerances)))
-            if not provider_runs[-1].passed:
+            runs.append(RunComparison(provider, seed, _compare_outputs(refs.pop(seed), got, tolerances)))
+            if not runs[-1].passed:
                 folded_values[(provider, seed)] = got
-        else:
-            checked.append(provider)
-            if provider in EXACT_PROVIDER_OPTIONS:
-                opts = ", ".join(f"{k}={v}" for k, v in EXACT_PROVIDER_OPTIONS[provider].items())
-                notes.append(f"{provider.removesuffix('ExecutionProvider')} checked with {opts}")
-        runs.extend(provider_runs)
-        del s_orig, s_fold
+        del s_fold, refs
+        release_freed_memory()
+        checked.append(provider)
+        if provider in EXACT_PROVIDER_OPTIONS:
+            opts = ", ".join(f"{k}={v}" for k, v in EXACT_PROVIDER_OPTIONS[provider].items())
+            notes.append(f"{provider.removesuffix('ExecutionProvider')} checked with {opts}")
 
     passed = bool(runs) and all(r.passed for r in runs)
     localisation = None

@@ -29,6 +29,10 @@ from bnfold.cli.options import (
     verify_options,
 )
 from bnfold.errors import BnfoldError, ExitCode, OptionError, first_line
+from bnfold.messages import one_line
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -48,11 +52,49 @@ class _DefaultGroup(click.Group):
 
 
 def _console(stderr: bool = False) -> Console:
-    from rich.console import Console  # imported where something is printed: --version needs none
+    from rich.console import Console
 
-    console = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    if not _is_terminal(stream) and "COLUMNS" not in os.environ:  # a log file: nothing wraps, no colour
+        from bnfold.messages import LOG_WIDTH
+
+        console: Console = _log_console(stderr=stderr, highlight=False, soft_wrap=True, no_color=True,
+                                        width=LOG_WIDTH)
+    else:
+        console = Console(stderr=stderr, highlight=False, soft_wrap=False)
     console.on_broken_pipe = _quiet_broken_pipe  # type: ignore[method-assign]  # `bnfold rules | head`
     return console
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _log_console_class() -> type[Console]:
+    from rich.console import Console
+
+    from bnfold.messages import natural_width
+
+    class LogConsole(Console):
+        """Prints each table at its natural width, so no cell wraps in a log file."""
+
+        def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+            for obj in objects:
+                width = natural_width(self, obj)
+                if width is not None and "width" not in kwargs:
+                    super().print(obj, **kwargs, width=width, soft_wrap=False)
+                else:
+                    super().print(obj, **kwargs)
+
+    return LogConsole
+
+
+def _log_console(**kwargs: Any) -> Console:
+    """A console for log files (the class is built on first use: rich is imported late)."""
+    return _log_console_class()(**kwargs)
 
 
 def _quiet_broken_pipe() -> None:
@@ -108,8 +150,8 @@ def _print_latency(console: Console, timing: Any, gate: Any) -> None:
 
 
 @cli.command("latency")
-@click.argument("baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("baseline", type=click.Path(path_type=Path))  # checked by the library: exit 3, one line
+@click.argument("candidate", type=click.Path(path_type=Path))
 @latency_options
 @click.option("--batch", type=click.IntRange(min=1), help="Batch size: replaces a dynamic first dimension.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS",
@@ -135,8 +177,13 @@ def latency_cmd(baseline: Path, candidate: Path, batch: int | None, shapes: tupl
                          batch=batch, shapes=parsed or None, include_copies=include_copies,
                          io_binding=not no_io_binding, report=report_path, progress=progress)
     if not quiet:
-        _print_latency(_console(), run.latency, run.gate)
+        _print_latency(_console(stderr=_to_stdout(report_path)), run.latency, run.gate)
     return int(run.exit_code)
+
+
+def _to_stdout(report_path: Path | None) -> bool:
+    """``--report -``: the JSON goes to standard output, the tables to standard error."""
+    return report_path is not None and str(report_path) == "-"
 
 
 @cli.command("fold")
@@ -202,7 +249,7 @@ def fold_cmd(model: Path, output: Path | None, report_path: Path | None, dry_run
             verify_options=verify_args(inputs_npz, input_ranges, seeds, rtol=rtol, atol=atol),
             latency=latency_args(**latency_opts) if timed else None, report=report_path, progress=progress,
         )
-    console = _console()
+    console = _console(stderr=_to_stdout(report_path))
     if not quiet:
         render_fold(console, run.to_report())
         if run.comparison is not None:
@@ -218,8 +265,8 @@ def fold_cmd(model: Path, output: Path | None, report_path: Path | None, dry_run
 
 
 @cli.command("verify")
-@click.argument("original", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("folded", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("original", type=click.Path(path_type=Path))  # checked below: exit 3, one line
+@click.argument("folded", type=click.Path(path_type=Path))
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="Execution provider: cpu, cuda (repeatable; default: CPU, plus CUDA when onnxruntime-gpu and "
               "a GPU work). Each provider compares FOLDED with ORIGINAL on that same provider.")
@@ -238,18 +285,25 @@ def verify_cmd(original: Path, folded: Path, providers: tuple[str, ...], shapes:
     output diverges.
     """
     from bnfold.check import render_comparison, verify
-    from bnfold.report import write_json
+    from bnfold.io.paths import STDOUT, check_input_file, check_output_path, check_run_paths
+    from bnfold.io.report_file import PendingReport
 
+    for path in (original, folded):
+        check_input_file(path)
+    if report_path is not None and str(report_path) != STDOUT:
+        check_output_path(report_path, "--report")
+        check_run_paths([original, folded], report=report_path)
     parsed, opts = dict(shape_pairs(shapes)), verify_args(**verify_opts)
     comparison = verify(original, folded, providers=list(providers) or None, shapes=parsed or None,
                         rtol=opts.rtol, atol=opts.atol, inputs=opts.inputs, input_ranges=opts.input_ranges,
                         seeds=opts.seeds)
     code = 0 if comparison.passed else int(ExitCode.VERIFY_FAILED)
     if report_path is not None:
-        write_json({"schema": "bnfold.verify-report/1", "bnfold_version": __version__, "original": str(original),
-                    "folded": str(folded), "verification": comparison.to_dict(), "exit_code": code}, report_path)
+        PendingReport(report_path).write({
+            "schema": "bnfold.verify-report/1", "bnfold_version": __version__, "original": str(original),
+            "folded": str(folded), "verification": comparison.to_dict(), "exit_code": code})
     if not quiet:
-        _console().print(render_comparison(comparison))
+        _console(stderr=_to_stdout(report_path)).print(render_comparison(comparison))
     if not comparison.passed:
         click.echo(f"bnfold: {comparison.summary}", err=True)
     return code
@@ -269,10 +323,19 @@ def rules_cmd(full: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps every outcome to an exit code, never a traceback."""
+    from bnfold.io.signals import handle_termination
+
+    with handle_termination():  # SIGTERM, SIGHUP: cleaned up like Ctrl-C, exit 128 + signal
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
 
     def fail(text: str, code: int) -> NoReturn:  # one unwrapped line on stderr (rich would wrap long paths)
         click.echo(text, err=True)
         sys.exit(code)
+
+    from bnfold.io.signals import Terminated
 
     try:
         rv = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
@@ -284,14 +347,20 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        signalled = exc if isinstance(exc, Terminated) else exc.__cause__ or exc.__context__
+        if isinstance(signalled, Terminated):
+            import signal
+
+            name = signal.Signals(signalled.signum).name
+            fail(f"bnfold: terminated ({name}); no partial output was left behind", signalled.exit_code)
         fail("bnfold: interrupted; no partial output was left behind", ExitCode.INTERRUPTED)
     except BnfoldError as exc:
-        fail(f"bnfold: error: {exc}", exc.exit_code)
+        fail(f"bnfold: error: {one_line(str(exc))}", exc.exit_code)
     except MemoryError:
         fail("bnfold: error: out of memory", ExitCode.INTERNAL)
     except Exception as exc:  # a bug: still one line, with a hint for the report
-        click.echo(f"bnfold: internal error: {type(exc).__name__}: {first_line(exc)} "
+        click.echo(f"bnfold: internal error: {type(exc).__name__}: {one_line(first_line(exc))} "
                    "(set BNFOLD_DEBUG=1 for a traceback; please report)", err=True)
         if os.environ.get("BNFOLD_DEBUG"):  # pragma: no cover
             raise

@@ -86,11 +86,9 @@ class LazyModel:
 
 
 def _readable_model_path(source: str | os.PathLike[str]) -> Path:
-    path = Path(os.fspath(source))
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not an ONNX file")
+    from bnfold.io.paths import as_path, check_input_file
+
+    path = check_input_file(as_path(source, "model"))  # a regular file: a FIFO or device is never opened
     try:
         with path.open("rb") as f:
             head = f.read(4)
@@ -138,6 +136,9 @@ def load_lazily(source: str | os.PathLike[str], *, min_bytes: int = LAZY_MIN_BYT
                     store.ref(tensor)
                 except (BadInputError, ValueError) as exc:  # ValueError: offset 'abc', a NUL in the location
                     raise BadInputError(f"{path}: external data could not be read ({exc})") from exc
+                except OSError as exc:  # a location the file system refuses (a name over 255 bytes)
+                    raise BadInputError(f"{path}: external data of tensor '{tensor.name}' could not be read "
+                                        f"({exc.strerror or exc})") from exc
     log.debug("%s: %d tensors left on disk", path, len(lazy))
     return LazyModel(model, store, path, inline)
 
@@ -188,6 +189,7 @@ def _check_tensors(model: onnx.ModelProto, what: str) -> None:
         if t.data_type not in known:
             raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' has unknown element type "
                                 f"{t.data_type})")
+        _check_one_data_field(t, what)
         dtype = np_dtype(t.data_type)
         if (t.data_location == onnx.TensorProto.EXTERNAL or dtype is None or dtype.kind == "O"
                 or any(d < 0 for d in t.dims)):  # negative dims: onnx.checker says so, in its words
@@ -204,6 +206,22 @@ def _check_tensors(model: onnx.ModelProto, what: str) -> None:
             detail = first_line(exc)
             raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' of shape {list(t.dims)} "
                                 f"cannot be read: {detail})") from exc
+
+
+_TYPED_DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_one_data_field(t: onnx.TensorProto, what: str) -> None:
+    """A tensor carries its data in one place: ``raw_data``, one typed field, or external data, whatever
+    its size (a reader picks one and ignores the rest; ``onnx.checker`` refuses two)."""
+    places = [name for name in _TYPED_DATA_FIELDS if len(getattr(t, name))]
+    if t.HasField("raw_data"):
+        places.append("raw_data")
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        places.append("external data")
+    if len(places) > 1:
+        raise BadInputError(f"{what}: invalid ONNX model (tensor '{t.name}' has its data in more than one "
+                            f"field: {' and '.join(places)})")
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:

@@ -94,14 +94,17 @@ class StagedModel:
     """
 
     def __init__(self, target: str | os.PathLike[str]) -> None:
-        self.target = Path(os.fspath(target))
+        from bnfold.io.paths import as_path, check_output_path
+        from bnfold.io.signals import remove_stale_staging, staging_prefix
+
+        self.target = as_path(target, "output")
         directory = self.target.parent if str(self.target.parent) else Path(".")
         if not directory.is_dir():
             raise OutputError(f"{self.target}: output directory {directory} does not exist")
-        if self.target.is_dir():
-            raise OutputError(f"{self.target}: is a directory")
-        try:
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=directory))
+        check_output_path(self.target, "the output")  # a regular file or a new name; never a FIFO or device
+        remove_stale_staging(directory, self.target.name)  # of killed runs for this target, on this host
+        try:  # named after this process, so that a later run can tell a dead run's folder from a live one's
+            self.dir = Path(tempfile.mkdtemp(prefix=staging_prefix(self.target.name), suffix=".tmp", dir=directory))
         except OSError as exc:
             raise OutputError(f"{self.target}: cannot write ({exc.strerror or exc})") from exc
         self.path = self.dir / self.target.name
@@ -231,6 +234,7 @@ class StagedModel:
                     moved.append(dest)
             if moved:
                 _fsync_dir(directory)  # the data files' names reach the disk before the model's
+            _keep_mode(self.path, self.target)
             os.replace(self.path, self.target)
         except BaseException as exc:
             for dest in moved:  # the previous model does not use them: the folder is as it was
@@ -494,6 +498,16 @@ def _map_read(fd: int, length: int, offset: int) -> mmap.mmap:
     if hasattr(mmap, "MAP_POPULATE"):
         return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=offset)
     return mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+
+
+def _keep_mode(staged: Path, target: Path) -> None:
+    """Give the staged file the mode of the regular file it replaces (else it keeps ``0666 & ~umask``)."""
+    try:
+        info = os.stat(target)
+    except OSError:
+        return
+    if stat.S_ISREG(info.st_mode):
+        os.chmod(staged, stat.S_IMODE(info.st_mode))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import stat
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -48,6 +49,8 @@ def _zip_names(source: ArchiveSource | io.BytesIO) -> list[str] | None:
     try:
         if isinstance(source, bytes | bytearray | memoryview):
             source = io.BytesIO(bytes(source))
+        elif not isinstance(source, io.BytesIO) and not stat.S_ISREG(os.stat(source).st_mode):
+            return None  # a FIFO would block, a device (/dev/zero) never ends: zip reads only its directory
         with zipfile.ZipFile(source) as zf:
             return zf.namelist()
     except (OSError, zipfile.BadZipFile, ValueError):
