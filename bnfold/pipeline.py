@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,15 +23,15 @@ from bnfold.check.options import VerifyOptions
 from bnfold.errors import BnfoldError, ExitCode, OptionError, OutputError
 from bnfold.folding.options import FoldOptions
 from bnfold.folding.result import FoldResult
+from bnfold.io.load import model_file_bytes
 from bnfold.overrides import with_overrides
-from bnfold.run import FoldRun, LatencyRun
+from bnfold.run import TORCH_SUFFIXES, FoldRun, LatencyRun, ProgressCallback, ShapesArg, tell
 from bnfold.timing.options import LatencyOptions
 
 if TYPE_CHECKING:
     from bnfold.io.load import ModelSource
     from bnfold.io.report_file import PendingReport
     from bnfold.timing import GateResult, LatencyReport
-    from bnfold.torch import TorchExportResult, TorchFoldResult
 
 __all__ = [
     "TORCH_SUFFIXES",
@@ -48,19 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TORCH_SUFFIXES = frozenset({".pt", ".pth", ".ts", ".torchscript", ".jit"})
-"""Output suffixes that ask for a TorchScript archive (any other: ONNX)."""
-
-ProgressCallback = Callable[[str, int, "int | None"], None]
-"""``progress(stage, done, total)``: ``"fold"``, ``"verify"``, then ``"latency: <what>"`` with counts
-(``total`` None: unknown)."""
-
-ShapesArg = Mapping[str, "Sequence[int] | int"] | Sequence[Sequence[int]] | None
-"""By name: an input (or a TorchScript forward() argument) -> shape, or an ONNX symbolic dim -> value; the
-name ``""`` is an ONNX model's only input. In order: one shape per TorchScript forward() input (ONNX:
-exactly one, for its only input)."""
-
 
 def fold_file(
     src: str | os.PathLike[str],
@@ -116,7 +103,7 @@ def fold_file(
     pending = PendingReport(report_path) if report_path is not None else None
     try:
         if program:
-            from bnfold.torch.program_pipeline import fold_program_file
+            from bnfold.pipeline_torch import fold_program_file
 
             run = fold_program_file(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
                                     force=force, opset=opset, progress=progress)
@@ -124,7 +111,9 @@ def fold_file(
                 pending.stage(run.to_report())
                 pending.commit()
         elif torchscript:
-            run = _fold_torchscript(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
+            from bnfold.pipeline_torch import fold_torchscript_file
+
+            run = fold_torchscript_file(src, out, dry_run=dry_run, shapes=shapes, verify=verify, options=verify_options,
                                     force=force, opset=opset, eval_mode=eval_mode, progress=progress, report=pending)
         else:
             run = _fold_onnx(src, out, dry_run=dry_run, options=options or FoldOptions(), shapes=shapes,
@@ -193,7 +182,7 @@ def _fold_onnx(
     _check_rules(options)
     onnx_shapes = _onnx_shapes(shapes)
     input_bytes = model_file_bytes(src)  # before a write that may replace it (-o equal to the input)
-    _tell(progress, "fold")
+    tell(progress, "fold")
     with contextlib.ExitStack() as cleanup:
         staged = None if dry_run else StagedModel(out)
         if staged is not None:
@@ -218,7 +207,7 @@ def _fold_onnx(
             from bnfold.check import verify as run_check
             from bnfold.check.sizes import UnrunnableModelError
 
-            _tell(progress, "verify")
+            tell(progress, "verify")
             folded_model = staged.path if staged is not None else result.model
             settings = _verify_settings(verify_options, onnx_shapes, providers)
             try:  # paths: onnxruntime loads both models (and their external data) itself
@@ -259,79 +248,6 @@ def _fold_onnx(
     return run
 
 
-def _fold_torchscript(
-    src: Path,
-    out: Path,
-    *,
-    dry_run: bool,
-    shapes: ShapesArg,
-    verify: bool,
-    options: VerifyOptions,
-    force: bool,
-    opset: int,
-    eval_mode: bool,
-    progress: ProgressCallback | None,
-    report: PendingReport | None = None,
-) -> FoldRun:
-    from bnfold.check import Tolerances
-    from bnfold.errors import VerificationFailedError
-    from bnfold.torch import ShapesArg as TorchShapes
-    from bnfold.torch import TorchExportResult, TorchFoldResult, fold_torchscript, fold_torchscript_to_onnx
-
-    if isinstance(shapes, Mapping) and "" in shapes:
-        raise OptionError("give every --shape with a name (x=1,3,224,224) or none of them", "--shape")
-    torch_shapes: TorchShapes
-    if shapes is None or len(shapes) == 0:
-        torch_shapes = None
-    elif isinstance(shapes, Mapping):  # a bare int is a 1-D shape, as ``--shape x=4`` gives (4,)
-        torch_shapes = {k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
-    else:
-        torch_shapes = shapes
-    dst = None  # written below, once the report is staged
-    to_onnx = out.suffix.lower() == ".onnx"
-    _tell(progress, "fold")
-    outcome: TorchFoldResult | TorchExportResult
-    try:
-        if to_onnx:
-            outcome = fold_torchscript_to_onnx(
-                src, dst, shapes=torch_shapes, opset=opset, eval_mode=eval_mode, verify=verify, force=force,
-                rtol=options.rtol, atol=options.atol, seeds=options.seeds,
-            )
-        else:
-            outcome = fold_torchscript(
-                src, dst, shapes=torch_shapes, eval_mode=eval_mode, verify=verify, force=force,
-                tolerances=Tolerances(options.rtol, options.atol), seeds=options.seeds,
-            )
-    except VerificationFailedError as exc:  # nothing written; a result like the ONNX path's
-        if not isinstance(exc.result, TorchFoldResult | TorchExportResult):
-            raise
-        outcome = exc.result
-    comparison = outcome.comparison
-    failed = comparison is not None and not comparison.passed
-    written = not dry_run and (not failed or force)
-    output_bytes = (outcome.model.ByteSize() if isinstance(outcome, TorchExportResult)
-                    else len(outcome.archive))
-    run = FoldRun(
-        input_path=src, input_format="torchscript", output_path=None if dry_run else out,
-        fold=outcome.fold.summary() if isinstance(outcome, TorchExportResult) else outcome,
-        written=written, input_bytes=_stat_size(src), output_bytes=output_bytes, dry_run=dry_run,
-        comparison=comparison, exit_code=ExitCode.VERIFY_FAILED if failed else ExitCode.OK, torch=outcome,
-    )
-    if report is not None:  # staged first: a report that cannot be written leaves OUT as it was
-        report.stage(run.to_report())
-    if written:
-        from bnfold.io.save import atomic_write_bytes, save_model
-
-        if isinstance(outcome, TorchExportResult):
-            save_model(outcome.model, out)
-        else:
-            atomic_write_bytes(out, outcome.archive)
-        outcome.path = os.fspath(out)
-    if report is not None:
-        report.commit()
-    return run
-
-
 def time_files(
     baseline: str | os.PathLike[str],
     candidate: str | os.PathLike[str],
@@ -367,24 +283,6 @@ def time_files(
 
         PendingReport(report_path).write(run.to_report())
     return run
-
-
-def model_file_bytes(path: str | os.PathLike[str]) -> int | None:
-    """Bytes of an ONNX model file plus every external data file it references (None: unreadable)."""
-    from bnfold.io.load import load_lazily
-
-    try:
-        files = load_lazily(path).store.referenced_files()
-        return sum(f.stat().st_size for f in files)
-    except (BnfoldError, OSError):
-        return _stat_size(Path(os.fspath(path)))
-
-
-def _stat_size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def _check_input(path: Path) -> None:
@@ -436,11 +334,6 @@ def _onnx_shapes(shapes: ShapesArg) -> Mapping[str, Sequence[int] | int] | None:
     return {"": tuple(shapes[0])}
 
 
-def _tell(progress: ProgressCallback | None, stage: str, done: int = 0, total: int | None = None) -> None:
-    if progress is not None:
-        progress(stage, done, total)
-
-
 def _measure(
     models: dict[str, Any],
     options: LatencyOptions,
@@ -452,13 +345,13 @@ def _measure(
     from bnfold.timing import latency
 
     def tick(label: str, done: int, total: int) -> None:
-        _tell(progress, f"latency: {label}", done, total)
+        tell(progress, f"latency: {label}", done, total)
 
     if options.plot is not None:  # a plot that cannot be drawn fails before minutes of timing
         from bnfold.timing.plot import check_plot_path
 
         check_plot_path(options.plot)
-    _tell(progress, "latency")
+    tell(progress, "latency")
     if providers:
         extra["providers"] = list(providers)
     try:

@@ -7,6 +7,7 @@ file that may be gone: the fold is its account (:class:`~bnfold.folding.FoldSumm
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,25 @@ if TYPE_CHECKING:
     from bnfold.timing import GateResult, LatencyReport
     from bnfold.torch import ProgramFoldResult, TorchExportResult, TorchFoldResult
 
-__all__ = ["FoldRun", "LatencyRun"]
+__all__ = ["TORCH_SUFFIXES", "FoldRun", "LatencyRun", "ProgressCallback", "ShapesArg", "tell"]
+
+TORCH_SUFFIXES = frozenset({".pt", ".pth", ".ts", ".torchscript", ".jit"})
+"""Output suffixes that ask for a TorchScript archive (any other: ONNX)."""
+
+ProgressCallback = Callable[[str, int, "int | None"], None]
+"""``progress(stage, done, total)``: ``"fold"``, ``"verify"``, then ``"latency: <what>"`` with counts
+(``total`` None: unknown)."""
+
+ShapesArg = Mapping[str, "Sequence[int] | int"] | Sequence[Sequence[int]] | None
+"""By name: an input (or a TorchScript forward() argument) -> shape, or an ONNX symbolic dim -> value; the
+name ``""`` is an ONNX model's only input. In order: one shape per TorchScript forward() input (ONNX:
+exactly one, for its only input)."""
+
+
+def tell(progress: ProgressCallback | None, stage: str, done: int = 0, total: int | None = None) -> None:
+    """Report ``stage`` to the caller's ``progress`` callback, if any."""
+    if progress is not None:
+        progress(stage, done, total)
 
 
 @dataclass(frozen=True)

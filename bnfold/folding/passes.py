@@ -30,7 +30,7 @@ from bnfold.folding.rules import PRODUCER_RULES, affine, constants, select_rules
 from bnfold.folding.rules.base import Fold, FoldContext, FoldOptions, Norm, Skip
 from bnfold.folding.rules.batchnorm import NEVER_FOLDABLE, bn_norm
 from bnfold.folding.rules.blockers import forward_blocker
-from bnfold.io.staging import checkable_copy
+from bnfold.io.layout import checkable_copy
 from bnfold.ir.evaluate import is_pure
 from bnfold.ir.names import NameAllocator
 from bnfold.ir.nodes import is_op, subgraphs, used_names

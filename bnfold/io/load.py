@@ -40,10 +40,12 @@ __all__ = [
     "LazyModel",
     "ModelSource",
     "all_tensors",
+    "file_size",
     "has_external_data",
     "load_lazily",
     "load_model",
     "materialize",
+    "model_file_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -226,3 +228,20 @@ def _check_one_data_field(t: onnx.TensorProto, what: str) -> None:
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
+
+
+def model_file_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes of an ONNX model file plus every external data file it references (None: unreadable)."""
+    try:
+        files = load_lazily(path).store.referenced_files()
+        return sum(f.stat().st_size for f in files)
+    except (BadInputError, OSError):
+        return file_size(Path(os.fspath(path)))
+
+
+def file_size(path: Path) -> int | None:
+    """The size of the file at ``path``; None when it cannot be read."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

@@ -25,7 +25,6 @@ needs it raises :class:`~bnfold.errors.MissingDependencyError` naming the extra.
 * ``dynamo_export`` -- the dynamo ONNX exporter with BatchNormalization kept, legacy fallback
 * ``program_fold``  -- the BatchNorm fold as a pass over a ``torch.export`` program graph (decide)
 * ``program``   -- ``fold_exported_program``: ``.pt2`` in, ``.pt2`` out, verified (apply, save, check)
-* ``program_pipeline`` -- the ``bnfold model.pt2`` branch of the pipeline
 * ``module``    -- ``fold_module``: an eager ``nn.Module`` in, a folded copy out
 * ``module_graph`` -- the module-call graph fold_module reads (torch.fx, or torch.export where fx fails)
 
