@@ -73,4 +73,4 @@ def test_imports_only_run_down(stage: str, path: Path) -> None:
 def test_each_stage_package_says_what_enters_and_what_leaves() -> None:
     for init in sorted(PACKAGE.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        assert "Enters:" in doc and "Leaves:" in doc or init.parent.name == "cli", init
+        assert ("Enters:" in doc and "Leaves:" in doc) or init.parent.name == "cli", init

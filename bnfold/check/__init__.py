@@ -23,11 +23,9 @@ from bnfold.check.feeds import (
     DEFAULT_INT_RANGE,
     InputInfo,
     load_npz,
-    parse_range_option,
-    parse_shape_option,
 )
 from bnfold.check.localise import fold_candidates, localise
-from bnfold.check.options import DEFAULT_SEEDS, VerifyOptions
+from bnfold.check.options import DEFAULT_SEEDS, VerifyOptions, parse_range_option, parse_shape_option
 from bnfold.check.render import render_comparison
 from bnfold.check.result import Comparison, FoldCheck, Localisation, RunComparison
 from bnfold.check.verify import verify

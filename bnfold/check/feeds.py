@@ -38,10 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 from numpy.typing import ArrayLike
-from onnx import helper
 
+from bnfold.check.inputs import Dim, InputInfo, InputSpec, model_inputs
 from bnfold.errors import BadInputError
 from bnfold.io.dtypes import is_float
 
@@ -54,8 +53,6 @@ __all__ = [
     "InputSpec",
     "load_npz",
     "model_inputs",
-    "parse_range_option",
-    "parse_shape_option",
     "plan_feeds",
 ]
 
@@ -68,87 +65,7 @@ DEFAULT_DIM = 16
 DEFAULT_INT_RANGE: tuple[int, int] = (0, 8)
 """Half-open range of generated integer inputs unless ``input_ranges`` says otherwise."""
 
-Dim = int | str | None
 InputsArg = str | os.PathLike[str] | Mapping[str, ArrayLike] | None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input as the model declares it."""
-
-    name: str
-    elem_type: int
-    dims: tuple[Dim, ...] | None
-    """None when the model gives no shape; per dim an int (fixed), a str (symbol) or None (unknown)."""
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
-
-    @property
-    def dtype_name(self) -> str:
-        """numpy's name: float32, bfloat16, int64, bool..."""
-        return str(self.dtype.name)
-
-
-@dataclass(frozen=True)
-class InputInfo:
-    """What one input was fed with, for the report."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: str
-    """"supplied", "normal(0, 1)", "uniform[lo, hi)", "integers[lo, hi)" or "bool"."""
-    defaulted_dims: tuple[int, ...] = ()
-    """Indexes of the dims that got a default value (see the module docstring)."""
-    shape_source: str = ""
-    """Where the dynamic dims came from (see :mod:`bnfold.check.sizes`); empty when none was dynamic."""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "source": self.source,
-            "defaulted_dims": list(self.defaulted_dims),
-            "shape_source": self.shape_source,
-        }
-
-
-def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
-    """The inputs a caller must feed: main-graph inputs that are not initializers (IR < 4 lists both)."""
-    initializers = {t.name for t in model.graph.initializer}
-    specs: list[InputSpec] = []
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        vtype = vi.type
-        kind = vtype.WhichOneof("value")
-        if kind == "optional_type" and vtype.optional_type.elem_type.WhichOneof("value") == "tensor_type":
-            vtype = vtype.optional_type.elem_type  # an optional tensor is fed as a tensor
-            kind = "tensor_type"
-        if kind != "tensor_type":
-            what = {"sequence_type": "sequence", "map_type": "map", "optional_type": "optional non-tensor",
-                    "sparse_tensor_type": "sparse tensor"}.get(kind or "", "untyped value")
-            raise BadInputError(
-                f"input {vi.name!r} is a {what}, which verification cannot generate; "
-                "fold without the check with --no-verify, or verify the written model with your own data"
-            )
-        ttype = vtype.tensor_type
-        dims: tuple[Dim, ...] | None = None
-        if ttype.HasField("shape"):
-            dims = tuple(_declared_dim(d) for d in ttype.shape.dim)
-        specs.append(InputSpec(vi.name, ttype.elem_type, dims))
-    return tuple(specs)
-
-
-def _declared_dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
-    """A fixed dim is a positive ``dim_value``; 0 and negative values (paddle2onnx writes -1), a ``dim_param``
-    and a dim with neither are all dynamic."""
-    if d.HasField("dim_value") and d.dim_value > 0:
-        return int(d.dim_value)
-    return d.dim_param or None
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -162,44 +79,6 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot read inputs from {path}: {exc}") from None
-
-
-def parse_shape_option(text: str, *, allow_bare: bool = False) -> tuple[str, tuple[int, ...]]:
-    """``"x=1,3,224,224"`` (or ``1x3x224x224``) -> ``("x", (1, 3, 224, 224))``.
-
-    ``"batch=4"`` -> ``("batch", (4,))`` names a symbolic dim. With ``allow_bare``, ``"1,3,224,224"`` ->
-    ``("", (1, 3, 224, 224))``: the shape of a model's only input. Raises ValueError with a one-line message.
-    """
-    name, sep, dims = text.rpartition("=")
-    if allow_bare and not sep:
-        name, sep = "", "="
-    elif not sep or not name:
-        raise ValueError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
-    if not dims.strip():
-        raise ValueError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
-    parts = [p.strip() for p in dims.replace("x", ",").split(",")]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"dims must be integers separated by commas, got {dims!r} in {text!r}") from None
-    if any(v < 0 for v in values):
-        raise ValueError(f"dims must be >= 0, got {dims!r} in {text!r}")
-    return name, values
-
-
-def parse_range_option(text: str) -> tuple[str, tuple[float, float]]:
-    """``"ids=0,30522"`` -> ``("ids", (0, 30522))``: the half-open range ``[lo, hi)`` of generated values."""
-    name, sep, rng = text.rpartition("=")
-    parts = rng.split(",")
-    if not sep or not name or len(parts) != 2:
-        raise ValueError(f"expected NAME=LO,HI such as ids=0,1000, got {text!r}")
-    try:
-        lo, hi = (int(p) if p.strip().lstrip("+-").isdigit() else float(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"LO and HI must be numbers, got {rng!r} in {text!r}") from None
-    if not lo < hi:
-        raise ValueError(f"LO must be below HI, got {rng!r} in {text!r}")
-    return name, (lo, hi)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_SEEDS", "VerifyOptions"]
+__all__ = ["DEFAULT_SEEDS", "VerifyOptions", "parse_range_option", "parse_shape_option"]
 
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
@@ -35,3 +35,41 @@ class VerifyOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+
+def parse_shape_option(text: str, *, allow_bare: bool = False) -> tuple[str, tuple[int, ...]]:
+    """``"x=1,3,224,224"`` (or ``1x3x224x224``) -> ``("x", (1, 3, 224, 224))``.
+
+    ``"batch=4"`` -> ``("batch", (4,))`` names a symbolic dim. With ``allow_bare``, ``"1,3,224,224"`` ->
+    ``("", (1, 3, 224, 224))``: the shape of a model's only input. Raises ValueError with a one-line message.
+    """
+    name, sep, dims = text.rpartition("=")
+    if allow_bare and not sep:
+        name, sep = "", "="
+    elif not sep or not name:
+        raise ValueError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
+    if not dims.strip():
+        raise ValueError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
+    parts = [p.strip() for p in dims.replace("x", ",").split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"dims must be integers separated by commas, got {dims!r} in {text!r}") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"dims must be >= 0, got {dims!r} in {text!r}")
+    return name, values
+
+
+def parse_range_option(text: str) -> tuple[str, tuple[float, float]]:
+    """``"ids=0,30522"`` -> ``("ids", (0, 30522))``: the half-open range ``[lo, hi)`` of generated values."""
+    name, sep, rng = text.rpartition("=")
+    parts = rng.split(",")
+    if not sep or not name or len(parts) != 2:
+        raise ValueError(f"expected NAME=LO,HI such as ids=0,1000, got {text!r}")
+    try:
+        lo, hi = (int(p) if p.strip().lstrip("+-").isdigit() else float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"LO and HI must be numbers, got {rng!r} in {text!r}") from None
+    if not lo < hi:
+        raise ValueError(f"LO must be below HI, got {rng!r} in {text!r}")
+    return name, (lo, hi)

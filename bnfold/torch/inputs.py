@@ -45,8 +45,8 @@ class TorchInputs:
 
 def parse_shapes(specs: Sequence[str]) -> list[tuple[int, ...]] | dict[str, tuple[int, ...]]:
     """``["1,3,224,224"]`` -> positional shapes; ``["x=1,3,224,224", ...]`` -> named. ValueError if mixed.
-    The syntax is the ONNX ``--shape``'s (:func:`bnfold.check.feeds.parse_shape_option`)."""
-    from bnfold.check.feeds import parse_shape_option  # imports onnxruntime: only when needed
+    The syntax is the ONNX ``--shape``'s (:func:`bnfold.check.options.parse_shape_option`)."""
+    from bnfold.check.options import parse_shape_option
 
     named: dict[str, tuple[int, ...]] = {}
     positional: list[tuple[int, ...]] = []
