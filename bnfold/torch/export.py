@@ -179,7 +179,7 @@ def torchscript_to_onnx(
     return export_keep_bn(module, inputs.tensors, opset=opset, dynamic_batch=dynamic_batch)
 
 
-def _fold_and_check(
+def fold_and_check(
     exported: onnx.ModelProto,
     path: str | os.PathLike[str] | None,
     verify: bool,
@@ -249,7 +249,7 @@ def fold_torch(
     args = () if _is_program(module) else _as_tuple(example_inputs)
     exported, used, why = export_onnx(module, args, exporter=exporter, opset=opset, dynamic_shapes=dynamic_shapes,
                                       dynamic_batch=dynamic_batch)
-    return _fold_and_check(exported, path, verify, force, rtol, atol, seeds, used, why)
+    return fold_and_check(exported, path, verify, force, rtol, atol, seeds, used, why)
 
 
 def _is_program(module: Any) -> bool:
@@ -274,4 +274,4 @@ def fold_torchscript_to_onnx(
 ) -> TorchExportResult:
     """TorchScript archive in, folded and verified ONNX out (``bnfold model.pt -o out.onnx``)."""
     exported = torchscript_to_onnx(src, shapes, opset, dynamic_batch=dynamic_batch, eval_mode=eval_mode)
-    return _fold_and_check(exported, dst, verify, force, rtol, atol, seeds)
+    return fold_and_check(exported, dst, verify, force, rtol, atol, seeds)

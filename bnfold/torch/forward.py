@@ -33,7 +33,7 @@ import numpy as np
 from bnfold.folding.math import RoundingError, fold_into_conv_input, scale_axis
 from bnfold.folding.result import FoldedPair, Skip
 from bnfold.torch.ir import const, describe, floating
-from bnfold.torch.producers import BnStats, Plan, _affine, _from64, _to64
+from bnfold.torch.producers import BnStats, Plan, bn_stats_affine, from64, to64
 
 __all__ = ["plan_forward"]
 
@@ -62,10 +62,10 @@ def plan_forward(
         return skip(f"the weight of the following {udesc} is not a constant floating-point tensor")
     if not (ok_b and (bias is None or floating(bias))):
         return skip(f"the bias of the following {udesc} is not a constant")
-    affine = _affine(stats)
+    affine = bn_stats_affine(stats)
     channels = affine.channels
-    w64 = _to64(weight)
-    b64 = _to64(bias) if bias is not None else None
+    w64 = to64(weight)
+    b64 = to64(bias) if bias is not None else None
     if kind == "aten::linear":
         if rank != 2:
             what = "unknown" if rank is None else str(rank)
@@ -94,8 +94,8 @@ def plan_forward(
         new_w, new_b = fold_into_conv_input(w64, b64, affine, groups)
         rule = "bn_conv"
     try:
-        w_t = _from64(new_w, weight, f"weight of {udesc}")
-        b_t = _from64(new_b, bias if bias is not None else weight, f"bias of {udesc}")
+        w_t = from64(new_w, weight, f"weight of {udesc}")
+        b_t = from64(new_b, bias if bias is not None else weight, f"bias of {udesc}")
     except RoundingError as exc:
         return skip(str(exc))
     record = FoldedPair(rule=rule, producer_op=kind, output=y.debugName(), norm_op=bn.kind(), graph=graph_label)

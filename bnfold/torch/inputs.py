@@ -72,7 +72,7 @@ def input_names(graph: Any) -> list[str]:
     return [re.sub(r"\.\d+$", "", v.debugName()) for v in values]
 
 
-def _normalize(shapes: ShapesArg, names: list[str]) -> list[tuple[int, ...]]:
+def normalize_shapes(shapes: ShapesArg, names: list[str]) -> list[tuple[int, ...]]:
     if shapes is None:
         raise ValueError("no shapes")
     if isinstance(shapes, Mapping):
@@ -136,7 +136,7 @@ def make_inputs(graph: Any, shapes: ShapesArg, seed: int = 0) -> TorchInputs | N
     names = input_names(graph)
     inferred = [_infer_one(v) for v in list(graph.inputs())[1:]]
     if shapes is not None:
-        dims = _normalize(shapes, names)
+        dims = normalize_shapes(shapes, names)
         source = "given"
     elif inferred and all(i is not None for i in inferred):
         dims = [i[0] for i in inferred if i is not None]

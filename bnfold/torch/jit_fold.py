@@ -63,7 +63,7 @@ class _BnLayout:
     eps: int
 
 
-_BN_OPS: dict[str, _BnLayout] = {
+BN_OPS: dict[str, _BnLayout] = {
     "aten::batch_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
     "aten::native_batch_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
     "aten::_batch_norm_impl_index": _BnLayout(0, 1, 2, 3, 4, 5, 7),
@@ -74,7 +74,7 @@ _BN_OPS: dict[str, _BnLayout] = {
     # InstanceNorm with running statistics in eval (use_input_stats False): the same per-channel map
     "aten::instance_norm": _BnLayout(0, 1, 2, 3, 4, 5, 7),
 }
-BN_KINDS = frozenset(_BN_OPS)
+BN_KINDS = frozenset(BN_OPS)
 
 
 _LAYOUT_OPS = frozenset({"aten::transpose", "aten::permute", "aten::contiguous", "aten::flatten"})
@@ -106,7 +106,7 @@ def count_nodes(graph: Any) -> int:
 
 def _match(node: Any, graph_label: str, ranks: dict[int, int]) -> Plan | CatPlan | Skip:
     kind = node.kind()
-    layout = _BN_OPS[kind]
+    layout = BN_OPS[kind]
     name = node.outputsAt(0).debugName()
     desc = describe(node)
 
@@ -238,7 +238,7 @@ def _apply(graph: Any, plan: Plan | CatPlan) -> None:
     for part in plan.parts if isinstance(plan, CatPlan) else [plan]:
         _rewrite(graph, part)
     bn = plan.bn
-    bn.outputsAt(0).replaceAllUsesWith(bn.inputsAt(_BN_OPS[bn.kind()].input))
+    bn.outputsAt(0).replaceAllUsesWith(bn.inputsAt(BN_OPS[bn.kind()].input))
     bn.destroy()
 
 
@@ -266,7 +266,7 @@ def fold_graph(graph: Any, *, label: str = "", probe: RankProbe | None = None) -
     folded: list[FoldedPair] = []
     while True:
         bns = [(n, nested) for n, nested in walk(graph) if n.kind() in BN_KINDS]
-        ranks = probe([n.inputsAt(_BN_OPS[n.kind()].input) for n, _ in bns]) if probe and bns else {}
+        ranks = probe([n.inputsAt(BN_OPS[n.kind()].input) for n, _ in bns]) if probe and bns else {}
         results = [_match(n, _label(label, nested), ranks) for n, nested in bns]
         plans = [r for r in results if isinstance(r, Plan | CatPlan)]
         skipped = [r for r in results if isinstance(r, Skip)]

@@ -44,7 +44,7 @@ from bnfold.folding.result import FoldedPair, Skip
 from bnfold.torch.archive import require_torch
 from bnfold.torch.inputs import TorchInputs
 from bnfold.torch.module_graph import ModuleGraph, export_graph, fx_graph
-from bnfold.torch.producers import BnStats, _affine, _from64, _to64
+from bnfold.torch.producers import BnStats, bn_stats_affine, from64, to64
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +104,7 @@ def _is_bn(mod: Any) -> bool:
 
 
 @dataclass(eq=False)
-class _Plan:
+class ProgramPlan:
     bn_target: str
     producer: Any
     weight: Any
@@ -112,7 +112,7 @@ class _Plan:
     record: FoldedPair
 
 
-def _plan(node: Any, graph: ModuleGraph, root: Any, calls: Counter[str], shared: set[int]) -> _Plan | str:
+def _plan(node: Any, graph: ModuleGraph, root: Any, calls: Counter[str], shared: set[int]) -> ProgramPlan | str:
     ranks = graph.ranks
     bn = root.get_submodule(node.target)
     name = type(bn).__name__
@@ -155,28 +155,28 @@ def _plan(node: Any, graph: ModuleGraph, root: Any, calls: Counter[str], shared:
     if out_channels != bn.num_features:
         return f"{source.target} has {out_channels} output channels, {name} {node.target} {bn.num_features}"
     stats = BnStats(gamma=bn.weight, beta=bn.bias, mean=bn.running_mean, var=bn.running_var, eps=float(bn.eps))
-    affine = _affine(stats)
-    w64 = _to64(weight)
+    affine = bn_stats_affine(stats)
+    w64 = to64(weight)
     new_w = (scale_grouped_axis1(w64, affine.scale, producer.groups) if rule == "conv_transpose"
              else scale_axis(w64, affine.scale, 0))
-    new_b = fold_bias(_to64(producer.bias) if producer.bias is not None else None, affine)
+    new_b = fold_bias(to64(producer.bias) if producer.bias is not None else None, affine)
     try:
-        w_t = _from64(np.ascontiguousarray(new_w), weight, f"weight of {source.target}").to(weight.device)
+        w_t = from64(np.ascontiguousarray(new_w), weight, f"weight of {source.target}").to(weight.device)
         like = producer.bias if producer.bias is not None else weight
-        b_t = _from64(new_b, like, f"bias of {source.target}").to(weight.device)
+        b_t = from64(new_b, like, f"bias of {source.target}").to(weight.device)
     except RoundingError as exc:
         return str(exc)
     record = FoldedPair(rule=rule, producer_op=type(producer).__name__, output=node.name, norm_op=name)
-    return _Plan(bn_target=node.target, producer=producer, weight=w_t, bias=b_t, record=record)
+    return ProgramPlan(bn_target=node.target, producer=producer, weight=w_t, bias=b_t, record=record)
 
 
 def _whole_modules(
-    plans: list[_Plan], skipped: list[Skip], calls: Counter[str], root: Any
-) -> tuple[list[_Plan], list[Skip]]:
+    plans: list[ProgramPlan], skipped: list[Skip], calls: Counter[str], root: Any
+) -> tuple[list[ProgramPlan], list[Skip]]:
     """A BatchNorm called several times becomes an Identity only when every call folds (each into its own
     producer); otherwise each of its calls is left with a reason."""
     folded_calls = Counter(p.bn_target for p in plans)
-    kept: list[_Plan] = []
+    kept: list[ProgramPlan] = []
     for plan in plans:
         n = calls[plan.bn_target]
         if folded_calls[plan.bn_target] == n:
@@ -234,7 +234,7 @@ def fold_module_result(
     shared = Counter(id(p) for _, p in work.named_parameters(remove_duplicate=False))
     shared_ids = {k for k, v in shared.items() if v > 1}
     bn_before, nodes_before = _count(graph, work)
-    plans: list[_Plan] = []
+    plans: list[ProgramPlan] = []
     skipped: list[Skip] = []
     for node in graph.nodes:
         if node.op == "call_module" and _is_bn(work.get_submodule(node.target)):

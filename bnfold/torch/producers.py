@@ -91,13 +91,13 @@ class Plan:
     record: FoldedPair
 
 
-def _to64(t: torch.Tensor) -> np.ndarray:
+def to64(t: torch.Tensor) -> np.ndarray:
     import torch
 
     return t.detach().to(torch.float64).cpu().numpy()
 
 
-def _from64(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
+def from64(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
     """Round float64 ``values`` once to ``like``'s dtype (RoundingError on overflow)."""
     import ml_dtypes
     import torch
@@ -109,15 +109,15 @@ def _from64(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
     return torch.from_numpy(round_to(values, np_dtype, what).copy())
 
 
-def _affine(stats: BnStats) -> Affine:
+def bn_stats_affine(stats: BnStats) -> Affine:
     """BN as scale/shift in float64. torch adds eps in the statistics' compute type: float32 unless the
     statistics are float64."""
     import torch
 
     c = stats.mean.numel()
-    g = _to64(stats.gamma) if stats.gamma is not None else np.ones(c)
-    b = _to64(stats.beta) if stats.beta is not None else np.zeros(c)
-    return bn_affine(g, b, _to64(stats.mean), _to64(stats.var), stats.eps,
+    g = to64(stats.gamma) if stats.gamma is not None else np.ones(c)
+    b = to64(stats.beta) if stats.beta is not None else np.zeros(c)
+    return bn_affine(g, b, to64(stats.mean), to64(stats.var), stats.eps,
                      eps_float32=stats.mean.dtype != torch.float64)
 
 
@@ -169,13 +169,13 @@ def plan_fold(
     if out_channels != stats.mean.numel():
         return skip(f"{pdesc} has {out_channels} output channels, the BatchNorm {stats.mean.numel()}")
 
-    affine = _affine(stats)
-    w64 = _to64(weight)
+    affine = bn_stats_affine(stats)
+    w64 = to64(weight)
     new_w = LAYOUTS[rule](groups).scale(w64, affine.scale)
-    new_b = fold_bias(_to64(bias) if bias is not None else None, affine)
+    new_b = fold_bias(to64(bias) if bias is not None else None, affine)
     try:
-        w_t = _from64(new_w, weight, f"weight of {pdesc}")
-        b_t = _from64(new_b, bias if bias is not None else weight, f"bias of {pdesc}")
+        w_t = from64(new_w, weight, f"weight of {pdesc}")
+        b_t = from64(new_b, bias if bias is not None else weight, f"bias of {pdesc}")
     except RoundingError as exc:
         return skip(str(exc))
     record = FoldedPair(

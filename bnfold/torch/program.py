@@ -28,7 +28,7 @@ from bnfold.folding.result import FoldedPair, Skip
 from bnfold.io.save import atomic_write_bytes
 from bnfold.torch.archive import ArchiveSource, is_exported_program, quiet, require_torch
 from bnfold.torch.inputs import ShapesArg, TorchInputs
-from bnfold.torch.program_fold import _bn_output, bn_nodes, fold_program_graph
+from bnfold.torch.program_fold import bn_nodes, bn_output, fold_program_graph
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from bnfold.check.compare import Tolerances
     from bnfold.check.result import Comparison
     from bnfold.torch.export import TorchExportResult
-    from bnfold.torch.program_fold import _Plan
+    from bnfold.torch.program_fold import ProgramPlan
 
 __all__ = [
     "ProgramFoldResult",
@@ -142,7 +142,7 @@ def _unique_target(base: str, taken: set[str]) -> str:
     return name
 
 
-def _apply(program: Any, plans: list[_Plan]) -> Any:
+def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
     """A new ExportedProgram with ``plans`` applied to ``program``'s graph (which it takes over)."""
     import torch
     from torch.export.graph_signature import ExportGraphSignature, InputSpec, TensorArgument
@@ -190,7 +190,7 @@ def _apply(program: Any, plans: list[_Plan]) -> Any:
                 args[2:3] = [ph]
                 producer.args = tuple(args)
         bn = plan.bn
-        out = _bn_output(bn)
+        out = bn_output(bn)
         stat_nodes += [a for a in bn.args if isinstance(a, torch.fx.Node) and a.op == "placeholder"]
         for o in outputs:
             if getattr(o.arg, "name", None) == out.name:
@@ -268,9 +268,9 @@ def make_program_inputs(program: Any, shapes: ShapesArg, seed: int, grow: bool =
 
     names, example = _user_inputs(program)
     if shapes is not None:
-        from bnfold.torch.inputs import _normalize
+        from bnfold.torch.inputs import normalize_shapes
 
-        dims = _normalize(shapes, names)
+        dims = normalize_shapes(shapes, names)
         dtypes = [t.dtype if isinstance(t, torch.Tensor) else torch.float32 for t in example]
         if len(dtypes) != len(dims):
             dtypes = [torch.float32] * len(dims)
@@ -395,7 +395,7 @@ def fold_exported_program_to_onnx(
     where that fails, the legacy exporter on ``program.module()`` with the saved example inputs.
     """
     from bnfold.torch.dynamo_export import export_dynamo
-    from bnfold.torch.export import _fold_and_check, export_keep_bn
+    from bnfold.torch.export import export_keep_bn, fold_and_check
 
     program = load_program(src)
     why: str | None = None
@@ -410,4 +410,4 @@ def fold_exported_program_to_onnx(
             exported = export_keep_bn(program.module(), inputs.tensors, opset=opset or 17,
                                       dynamic_batch=bool(program.range_constraints))
         used = "legacy"
-    return _fold_and_check(exported, dst, verify, force, rtol, atol, seeds, used, why)
+    return fold_and_check(exported, dst, verify, force, rtol, atol, seeds, used, why)

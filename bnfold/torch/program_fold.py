@@ -41,8 +41,8 @@ import numpy as np
 
 from bnfold.folding.math import RoundingError, fold_bias, scale_axis, scale_grouped_axis1
 from bnfold.folding.result import FoldedPair, Skip
-from bnfold.torch.jit_fold import _BN_OPS
-from bnfold.torch.producers import PRODUCERS, BnStats, _affine, _from64, _to64
+from bnfold.torch.jit_fold import BN_OPS
+from bnfold.torch.producers import PRODUCERS, BnStats, bn_stats_affine, from64, to64
 
 __all__ = ["BN_TRAINING_OPS", "ProgramFold", "bn_nodes", "fold_program_graph", "op_name"]
 
@@ -63,7 +63,7 @@ def op_name(node: Any) -> str:
 
 def bn_nodes(graph: Any) -> list[Any]:
     """Every BatchNorm node of an FX graph (inference or training form), in order."""
-    return [n for n in graph.nodes if op_name(n) in _BN_OPS or op_name(n) in BN_TRAINING_OPS]
+    return [n for n in graph.nodes if op_name(n) in BN_OPS or op_name(n) in BN_TRAINING_OPS]
 
 
 class Lifted:
@@ -91,7 +91,7 @@ class Lifted:
 
 
 @dataclass(eq=False)
-class _Plan:
+class ProgramPlan:
     bn: Any
     producer: Any
     weight_node: Any
@@ -106,7 +106,7 @@ class _Plan:
 class ProgramFold:
     folded: list[FoldedPair] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    plans: list[_Plan] = field(default_factory=list)
+    plans: list[ProgramPlan] = field(default_factory=list)
 
 
 def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
@@ -128,7 +128,7 @@ def _only_reader(value: Any, reader: Any) -> str | None:
     return f"output %{value.name} of {op_name(value) or value.op} {what}"
 
 
-def _bn_output(bn: Any) -> Any:
+def bn_output(bn: Any) -> Any:
     """The node whose value is the normalized tensor: the BN itself, or its single ``getitem(bn, 0)``."""
     if op_name(bn) == "aten::batch_norm":
         return bn
@@ -141,7 +141,7 @@ def _match_bn(bn: Any, lifted: Lifted) -> tuple[BnStats, Any] | str:
     kind = op_name(bn)
     if kind in BN_TRAINING_OPS:
         return "in training mode (batch statistics): export the module after calling .eval()"
-    layout = _BN_OPS[kind]
+    layout = BN_OPS[kind]
     mean_node, var_node = bn.args[layout.mean], bn.args[layout.var]
     if mean_node is None or var_node is None:
         return "no running statistics (track_running_stats=False): it normalizes with each batch's statistics"
@@ -229,7 +229,7 @@ def _producer(node: Any) -> _Producer | str:
     return _Producer(node, node, rule, node.args[1], 0, None, _arg(node, 2, "bias"), groups)
 
 
-def _plan(bn: Any, lifted: Lifted) -> _Plan | str:
+def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
     found = _match_bn(bn, lifted)
     if isinstance(found, str):
         return found
@@ -268,21 +268,21 @@ def _plan(bn: Any, lifted: Lifted) -> _Plan | str:
     if bias is not None and bias.numel() != out_channels:
         return f"the bias of %{prod.node.name} has {bias.numel()} values, not one per output channel"
 
-    affine = _affine(stats)
-    w64 = _to64(weight)
+    affine = bn_stats_affine(stats)
+    w64 = to64(weight)
     if prod.rule == "conv_transpose":
         new_w = scale_grouped_axis1(w64, affine.scale, prod.groups)
     else:
         new_w = scale_axis(w64, affine.scale, prod.weight_axis)
-    new_b = fold_bias(_to64(bias) if bias is not None else None, affine)
+    new_b = fold_bias(to64(bias) if bias is not None else None, affine)
     try:
-        w_t = _from64(np.ascontiguousarray(new_w), weight, f"weight of %{prod.compute.name}")
-        b_t = _from64(new_b, bias if bias is not None else weight, f"bias of %{prod.compute.name}")
+        w_t = from64(np.ascontiguousarray(new_w), weight, f"weight of %{prod.compute.name}")
+        b_t = from64(new_b, bias if bias is not None else weight, f"bias of %{prod.compute.name}")
     except RoundingError as exc:
         return str(exc)
-    record = FoldedPair(rule=prod.rule, producer_op=op_name(prod.compute), output=_bn_output(bn).name,
+    record = FoldedPair(rule=prod.rule, producer_op=op_name(prod.compute), output=bn_output(bn).name,
                         norm_op=op_name(bn))
-    return _Plan(bn=bn, producer=prod.node, weight_node=prod.weight_node, weight=w_t, bias_node=prod.bias_node,
+    return ProgramPlan(bn=bn, producer=prod.node, weight_node=prod.weight_node, weight=w_t, bias_node=prod.bias_node,
                  bias=b_t, record=record, mm_to_addmm=prod.mm_to_addmm)
 
 
@@ -293,7 +293,7 @@ def fold_program_graph(program: Any) -> ProgramFold:
     for bn in bn_nodes(program.graph):
         planned = _plan(bn, lifted)
         if isinstance(planned, str):
-            out.skipped.append(Skip(output=_bn_output(bn).name, op_type=op_name(bn),
+            out.skipped.append(Skip(output=bn_output(bn).name, op_type=op_name(bn),
                                     reason=f"{op_name(bn)} %{bn.name}: {planned}"))
         else:
             out.plans.append(planned)

@@ -232,10 +232,10 @@ def match(ctx: FoldContext, norm: Norm) -> Fold | Skip | None:
                     f"into {prod.op}")
     if isinstance(outcome, Skip):
         return outcome
-    return _rewire(ctx, outcome, norm, chain, tensors, cut)
+    return rewire(ctx, outcome, norm, chain, tensors, cut)
 
 
-def _rewire(ctx: FoldContext, fold: Fold, norm: Norm, chain: list[int], tensors: list[str], cut: int) -> Fold | Skip:
+def rewire(ctx: FoldContext, fold: Fold, norm: Norm, chain: list[int], tensors: list[str], cut: int) -> Fold | Skip:
     """Turn the producer rule's fold (written as if the normalization followed the producer) into one
     that keeps the layout ops: the producer writes a fresh ``f0``, each op reads and writes fresh names,
     and the last op writes the normalization's output."""
@@ -285,7 +285,3 @@ def _rewire(ctx: FoldContext, fold: Fold, norm: Norm, chain: list[int], tensors:
         tensors=fold.tensors,
         insert_before=before,
     )
-
-
-rewire = _rewire
-"""For the rules that reach a producer through a layout chain of their own (``instance_norm``)."""
