@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BadInputError, VerificationFailedError, first_line
@@ -30,14 +30,14 @@ from bnfold.torch.archive import (
     require_torch,
     save_archive,
 )
-from bnfold.torch.inputs import ShapesArg, TorchInputs, make_inputs, probe_ranks
+from bnfold.torch.inputs import ShapesArg, make_inputs, probe_ranks
 from bnfold.torch.jit_fold import bn_nodes, count_nodes, fold_graph
+from bnfold.torch.result import TorchFold
 
 if TYPE_CHECKING:
     import torch
 
     from bnfold.check.compare import Tolerances
-    from bnfold.check.result import Comparison
 
 __all__ = ["TorchFoldResult", "count_batch_norms", "fold_torchscript"]
 
@@ -45,49 +45,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TorchFoldResult:
-    """What ``fold_torchscript`` did: a :class:`bnfold.folding.result.FoldSummary`, like
-    :class:`bnfold.folding.passes.FoldResult`, so the report renders both."""
+class TorchFoldResult(TorchFold):
+    """What ``fold_torchscript`` did: the account the report renders (see :class:`TorchFold`), the archive."""
 
-    module: torch.jit.ScriptModule
+    module: torch.jit.ScriptModule = field(kw_only=True)
     """The folded module, as loaded back from ``archive``."""
-    archive: bytes
+    archive: bytes = field(kw_only=True)
     """The TorchScript archive (``torch.jit.save`` bytes): what ``dst`` received."""
-    folded: list[FoldedPair] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    bn_before: int = 0
-    bn_after: int = 0
-    nodes_before: int = 0
-    """Nodes (no constants, no list constructions) of the frozen graphs before folding; of the inlined
-    graphs when nothing was frozen."""
-    nodes_after: int = 0
-    comparison: Comparison | None = None
-    inputs: TorchInputs | None = None
-    path: str | None = None
-    """Where the archive was written (None: not written)."""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.folded)
-
-    @property
-    def passed(self) -> bool:
-        """True unless verification ran and failed."""
-        return self.comparison is None or self.comparison.passed
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "bn_before": self.bn_before,
-            "bn_after": self.bn_after,
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "folded": [asdict(p) for p in self.folded],
-            "skipped": [asdict(s) for s in self.skipped],
-            "verification": None if self.comparison is None else self.comparison.to_dict(),
-            "path": self.path,
-            "notes": list(self.notes),
-        }
 
 
 def _inlined_graphs(module: Any) -> list[tuple[str, Any]]:

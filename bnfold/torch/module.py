@@ -45,12 +45,12 @@ from bnfold.torch.archive import require_torch
 from bnfold.torch.inputs import TorchInputs
 from bnfold.torch.module_graph import ModuleGraph, export_graph, fx_graph
 from bnfold.torch.producers import BnStats, bn_stats_affine, from64, to64
+from bnfold.torch.result import TorchFold
 
 if TYPE_CHECKING:
     import torch
 
     from bnfold.check.compare import Tolerances
-    from bnfold.check.result import Comparison
 
 __all__ = ["ModuleFoldResult", "fold_module", "fold_module_result"]
 
@@ -58,24 +58,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ModuleFoldResult:
-    """What ``fold_module_result`` did: a :class:`bnfold.folding.result.FoldSummary`, rendered by the report."""
+class ModuleFoldResult(TorchFold):
+    """What ``fold_module_result`` did: the account the report renders (see :class:`TorchFold`), the module."""
 
-    module: torch.nn.Module
+    module: torch.nn.Module = field(kw_only=True)
     """The folded copy, in eval mode."""
-    folded: list[FoldedPair] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    bn_before: int = 0
-    bn_after: int = 0
-    nodes_before: int = 0
-    """``call_module`` and ``call_function`` nodes of the traced forward."""
-    nodes_after: int = 0
-    comparison: Comparison | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.folded)
 
     def to_report(self) -> dict[str, Any]:
         """The ``bnfold.report/1`` JSON object, input format ``"nn_module"`` (no paths, no bytes)."""

@@ -20,21 +20,20 @@ import io
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BadInputError, VerificationFailedError, first_line
-from bnfold.folding.result import FoldedPair, Skip
 from bnfold.io.save import atomic_write_bytes
 from bnfold.torch.archive import ArchiveSource, is_exported_program, quiet, require_torch
 from bnfold.torch.inputs import ShapesArg, TorchInputs
 from bnfold.torch.program_fold import bn_nodes, bn_output, fold_program_graph
+from bnfold.torch.result import TorchFold
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
     from bnfold.check.compare import Tolerances
-    from bnfold.check.result import Comparison
     from bnfold.torch.export import TorchExportResult
     from bnfold.torch.program_fold import ProgramPlan
 
@@ -51,46 +50,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProgramFoldResult:
-    """What ``fold_exported_program`` did: a :class:`bnfold.folding.result.FoldSummary`, rendered by the report."""
+class ProgramFoldResult(TorchFold):
+    """What ``fold_exported_program`` did: the account the report renders (see :class:`TorchFold`), the program."""
 
-    program: ExportedProgram
+    program: ExportedProgram = field(kw_only=True)
     """The folded program, as loaded back from ``archive``."""
-    archive: bytes
+    archive: bytes = field(kw_only=True)
     """The ``torch.export.save`` bytes: what ``dst`` received."""
-    folded: list[FoldedPair] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    bn_before: int = 0
-    bn_after: int = 0
-    nodes_before: int = 0
-    """``call_function`` nodes of the program graph (placeholders and output not counted)."""
-    nodes_after: int = 0
-    comparison: Comparison | None = None
-    inputs: TorchInputs | None = None
-    path: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.folded)
-
-    @property
-    def passed(self) -> bool:
-        """True unless verification ran and failed."""
-        return self.comparison is None or self.comparison.passed
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "bn_before": self.bn_before,
-            "bn_after": self.bn_after,
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "folded": [asdict(p) for p in self.folded],
-            "skipped": [asdict(s) for s in self.skipped],
-            "verification": None if self.comparison is None else self.comparison.to_dict(),
-            "path": self.path,
-            "notes": list(self.notes),
-        }
 
 
 def load_program(source: ArchiveSource | ExportedProgram) -> ExportedProgram:
