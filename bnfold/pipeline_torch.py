@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import ExitCode, OptionError, VerificationFailedError
 from bnfold.io.load import file_size, model_file_bytes
@@ -41,15 +41,7 @@ def fold_torchscript_file(
     from bnfold.torch import ShapesArg as TorchShapes
     from bnfold.torch import TorchExportResult, TorchFoldResult, fold_torchscript, fold_torchscript_to_onnx
 
-    if isinstance(shapes, Mapping) and "" in shapes:
-        raise OptionError("give every --shape with a name (x=1,3,224,224) or none of them", "--shape")
-    torch_shapes: TorchShapes
-    if shapes is None or len(shapes) == 0:
-        torch_shapes = None
-    elif isinstance(shapes, Mapping):  # a bare int is a 1-D shape, as ``--shape x=4`` gives (4,)
-        torch_shapes = {k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
-    else:
-        torch_shapes = shapes
+    torch_shapes: TorchShapes = _torch_shapes(shapes)
     dst = None  # written below, once the report is staged
     to_onnx = out.suffix.lower() == ".onnx"
     tell(progress, "fold")
@@ -111,12 +103,7 @@ def fold_program_file(
     from bnfold.torch.export import TorchExportResult
     from bnfold.torch.program import ProgramFoldResult, fold_exported_program, fold_exported_program_to_onnx
 
-    if isinstance(shapes, Mapping) and "" in shapes:
-        raise OptionError("give every --shape with a name (x=1,3,224,224) or none of them", "--shape")
-    program_shapes = None
-    if shapes:
-        program_shapes = ({k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
-                          if isinstance(shapes, Mapping) else shapes)
+    program_shapes = _torch_shapes(shapes)
     dst = None if dry_run else out
     to_onnx = out.suffix.lower() == ".onnx"
     tell(progress, "fold")
@@ -146,3 +133,15 @@ def fold_program_file(
         written=written, input_bytes=file_size(src), output_bytes=output_bytes, dry_run=dry_run,
         comparison=comparison, exit_code=ExitCode.VERIFY_FAILED if failed else ExitCode.OK, torch=outcome,
     )
+
+
+def _torch_shapes(shapes: ShapesArg) -> Any:
+    """``--shape`` for a torch input: one per forward() argument, all by name or all in order; a bare int
+    is a 1-D shape (``--shape x=4`` gives (4,)); None when none is given."""
+    if isinstance(shapes, Mapping) and "" in shapes:
+        raise OptionError("give every --shape with a name (x=1,3,224,224) or none of them", "--shape")
+    if not shapes:
+        return None
+    if isinstance(shapes, Mapping):
+        return {k: (v,) if isinstance(v, int) else v for k, v in shapes.items()}
+    return shapes
