@@ -29,6 +29,7 @@ __all__ = [
     "compose",
     "fold_bias",
     "fold_into_conv_input",
+    "fold_into_linear_input",
     "op_affine",
     "round_to",
     "scale_axis",
@@ -129,6 +130,16 @@ def fold_into_conv_input(
     if bias is not None:
         b_new = b_new + np.asarray(bias, dtype=np.float64).reshape(-1)
     return w_new, b_new
+
+
+def fold_into_linear_input(weight: np.ndarray, affine: Affine, features_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale * x + shift) @ W`` as ``x @ W' + c`` for a linear op whose weight has its input features
+    on ``features_axis`` (Gemm ``B`` / MatMul: 0; Gemm with ``transB`` / torch Linear ``[out, in]``: 1):
+    float64 ``(W', c)`` with ``W' = W * scale`` along the features and ``c[k] = sum over f of shift[f] * W[f, k]``
+    (the caller adds it to its bias: Gemm ``alpha * c + beta * C``)."""
+    w64 = np.asarray(weight, dtype=np.float64)
+    by_feature = w64 if features_axis == 0 else w64.T  # [F, K]
+    return scale_axis(weight, affine.scale, features_axis), affine.shift @ by_feature
 
 
 def op_affine(op: str, values: np.ndarray, const_first: bool = False) -> Affine | None:

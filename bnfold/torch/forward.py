@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.folding.math import RoundingError, fold_into_conv_input, scale_axis
+from bnfold.folding.math import RoundingError, fold_into_conv_input, fold_into_linear_input
 from bnfold.folding.result import FoldedPair, Skip
 from bnfold.torch.ir import const, describe, floating
 from bnfold.torch.producers import BnStats, Plan, bn_stats_affine, from64, to64
@@ -73,8 +73,8 @@ def plan_forward(
                         "not 2, so its channel axis 1 is not the Linear's feature axis")
         if weight.dim() != 2 or weight.shape[1] != channels:
             return skip(f"the following {udesc} has weight shape {list(weight.shape)}, not [K, {channels}]")
-        new_w = scale_axis(w64, affine.scale, 1)
-        new_b = w64 @ affine.shift + (b64 if b64 is not None else 0.0)
+        new_w, contribution = fold_into_linear_input(w64, affine, 1)
+        new_b = contribution + (b64 if b64 is not None else 0.0)
         rule = "bn_gemm"
     else:
         ok_p, padding = const(user.inputsAt(4))

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.folding.math import Affine, RoundingError
+from bnfold.folding.math import Affine, RoundingError, fold_into_linear_input
 from bnfold.folding.rules.base import FLOAT_TYPES, Fold, FoldContext, Norm, Skip, copy_node, new_tensor, rounding_skip
 from bnfold.folding.rules.readers import through_identity
 from bnfold.ir.nodes import attr, is_op
@@ -193,10 +193,8 @@ def _fold_one(
     f_dim = w.shape[1] if trans_b else w.shape[0]
     if f_dim != affine.channels:
         return f"{desc} has {f_dim} input features but the normalization gives {affine.channels}"
-    w64 = np.asarray(w, dtype=np.float64)
-    bt = w64.T if trans_b else w64  # [F, K]
-    scaled = w64 * (affine.scale[None, :] if trans_b else affine.scale[:, None])
-    k = bt.shape[1]
+    scaled, contribution = fold_into_linear_input(w, affine, 1 if trans_b else 0)
+    k = contribution.shape[0]
     data_in = norm.input if t.via is None else data
     out = node.output[0]
     try:
@@ -205,7 +203,7 @@ def _fold_one(
             alpha = float(attr(node, "alpha", 1.0))
             beta = float(attr(node, "beta", 1.0))
             c_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-            c64 = alpha * (affine.shift @ bt)
+            c64 = alpha * contribution
             shape: tuple[int, ...] = (k,)
             c_dtype = w.dtype
             if c_name:
@@ -225,7 +223,7 @@ def _fold_one(
             del new.attribute[:]
             new.attribute.extend(kept)
             return [new], [w_new, c_new]
-        bias64 = affine.shift @ w64
+        bias64 = contribution
         if not np.any(bias64):
             return [copy_node(node, inputs=[data_in, w_new.name])], [w_new]
         b_new = new_tensor(ctx, bias64, w.dtype, f"{out}_bnfold_bias", f"bias of {desc}")
