@@ -176,9 +176,10 @@ def _fold_onnx(
     from bnfold.io.load import load_lazily
     from bnfold.io.staging import StagedModel
 
-    if out.suffix.lower() in TORCH_SUFFIXES:
-        raise OptionError(f"{src} is an ONNX model; a TorchScript output ({out.suffix}) needs a TorchScript "
-                          "input. Use an .onnx output.", "-o/--output")
+    if out.suffix.lower() in TORCH_SUFFIXES or out.suffix.lower() == ".pt2":
+        kind = "torch.export" if out.suffix.lower() == ".pt2" else "TorchScript"
+        raise OptionError(f"{src} is an ONNX model; a {kind} output ({out.suffix}) needs a {kind} input. Use an "
+                          ".onnx output.", "-o/--output")
     _check_rules(options)
     onnx_shapes = _onnx_shapes(shapes)
     input_bytes = model_file_bytes(src)  # before a write that may replace it (-o equal to the input)

@@ -233,6 +233,9 @@ def test_cli_onnx_input_with_torchscript_output_is_usage_error(tmp_path: Path,
     code, _, err = run_cli([str(src), "-o", str(tmp_path / "o.pt")], capsys)
     assert code == ExitCode.USAGE and "TorchScript output" in err
     assert not (tmp_path / "o.pt").exists()
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "o.pt2")], capsys)
+    assert code == ExitCode.USAGE and "a torch.export output (.pt2) needs a torch.export input" in err
+    assert not (tmp_path / "o.pt2").exists()
 
 
 def test_fold_file_counts_referenced_data_and_reports_what_it_returns(tmp_path: Path) -> None:
