@@ -132,6 +132,7 @@ def test_scripted_parametrized_weight_norm_gets_a_one_line_cause(tmp_path: Path)
     assert "\n" not in message and "parametrizations" in message and "torch.jit.trace" in message
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # the test's own
 @pytest.mark.parametrize("api", ["parametrizations", "legacy_api"])
 def test_traced_weight_norm_folds(tmp_path: Path, api: str) -> None:
     wn = nn.utils.parametrizations.weight_norm if api == "parametrizations" else nn.utils.weight_norm
