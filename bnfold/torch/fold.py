@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BadInputError, VerificationFailedError, first_line
+from bnfold.errors import BadInputError, first_line
 from bnfold.folding.result import FoldedPair, Skip
-from bnfold.io.save import atomic_write_bytes
 from bnfold.torch.archive import (
     ArchiveSource,
     load_archive,
@@ -32,7 +31,7 @@ from bnfold.torch.archive import (
 )
 from bnfold.torch.inputs import ShapesArg, make_inputs, probe_ranks
 from bnfold.torch.jit_fold import bn_nodes, count_nodes, fold_graph
-from bnfold.torch.result import TorchFold
+from bnfold.torch.result import TorchFold, write_checked
 
 if TYPE_CHECKING:
     import torch
@@ -216,9 +215,4 @@ def _finish_unfolded(
 
 
 def _write(result: TorchFoldResult, dst: str | os.PathLike[str] | None, force: bool) -> TorchFoldResult:
-    if result.comparison is not None and not result.comparison.passed and not force:
-        raise VerificationFailedError(f"{result.comparison.summary}; nothing written", result)
-    if dst is not None:
-        atomic_write_bytes(dst, result.archive)
-        result.path = os.fspath(dst)
-    return result
+    return write_checked(result, result.archive, dst, force)

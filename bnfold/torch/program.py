@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BadInputError, VerificationFailedError, first_line
-from bnfold.io.save import atomic_write_bytes
+from bnfold.errors import BadInputError, first_line
 from bnfold.torch.archive import ArchiveSource, is_exported_program, quiet, require_torch
 from bnfold.torch.inputs import ShapesArg, TorchInputs
 from bnfold.torch.program_fold import bn_nodes, bn_output, fold_program_graph
-from bnfold.torch.result import TorchFold
+from bnfold.torch.result import TorchFold, write_checked
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -336,12 +335,7 @@ def fold_exported_program(
         with quiet():
             result.comparison = compare_modules(runner, reloaded.module(), [i for i in checked if i is not None],
                                                 tolerances)
-    if result.comparison is not None and not result.comparison.passed and not force:
-        raise VerificationFailedError(f"{result.comparison.summary}; nothing written", result)
-    if dst is not None:
-        atomic_write_bytes(dst, result.archive)
-        result.path = os.fspath(dst)
-    return result
+    return write_checked(result, result.archive, dst, force)
 
 
 def fold_exported_program_to_onnx(

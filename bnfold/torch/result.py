@@ -4,16 +4,19 @@ folded (``module``, ``program``, ``archive``) as keyword fields."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+from bnfold.errors import VerificationFailedError
 from bnfold.folding.result import FoldedPair, Skip
+from bnfold.io.save import atomic_write_bytes
 
 if TYPE_CHECKING:
     from bnfold.check import Comparison
     from bnfold.torch.inputs import TorchInputs
 
-__all__ = ["TorchFold"]
+__all__ = ["TorchFold", "write_checked"]
 
 
 @dataclass
@@ -55,3 +58,17 @@ class TorchFold:
             "path": self.path,
             "notes": list(self.notes),
         }
+
+
+R = TypeVar("R", bound=TorchFold)
+
+
+def write_checked(result: R, archive: bytes, dst: str | os.PathLike[str] | None, force: bool) -> R:
+    """Write ``archive`` (the folded result's bytes) to ``dst`` unless its check failed (then
+    VerificationFailedError carrying ``result``, nothing written) or ``force``; ``result.path`` says where."""
+    if result.comparison is not None and not result.comparison.passed and not force:
+        raise VerificationFailedError(f"{result.comparison.summary}; nothing written", result)
+    if dst is not None:
+        atomic_write_bytes(dst, archive)
+        result.path = os.fspath(dst)
+    return result
