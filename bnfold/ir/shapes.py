@@ -27,7 +27,8 @@ from bnfold.ir.inferred import inferred_dims
 from bnfold.ir.nodes import attr, is_op
 from bnfold.ir.view import GraphView
 
-__all__ = ["ONE", "Dim", "Shape", "const_dims", "int_list", "product", "rank_of", "reshape_dims", "shape_of"]
+__all__ = ["ONE", "Dim", "Shape", "const_dims", "int_list", "product", "rank_of", "reshape_dims", "shape_of",
+           "sliced_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -373,3 +374,26 @@ def reshape_dims(x: Shape, target: Sequence[int], allowzero: bool, out: str) -> 
         inferred = product(x).divide(known)
         dims[dims.index(None)] = inferred if inferred is not None else _unknown(out, dims.index(None))
     return tuple(d for d in dims if d is not None)
+
+
+def sliced_shape(view: GraphView, node: onnx.NodeProto, name: str) -> tuple[int, ...] | None:
+    """The shape of ``name`` (a node's output) as far as ``Shape`` / ``Size`` of ``node`` reads it,
+    from the shapes proven by each op's semantics (``bnfold.ir.shapes``, never ``value_info``):
+    ``Shape(conv_out, start=1, end=2)`` needs only the channel count, which the weight fixes. Axes
+    the slice does not read stand as 1. None when a dimension it reads is not known. Only for a
+    ``Shape`` with ``start`` / ``end`` (opset 15+, as the dynamo exporter writes every Shape): a plain
+    ``Shape(t)`` of a node's output stays a run-time value, as it always was here."""
+    partial = view._memo.get(PARTIAL_KEY)
+    in_progress = isinstance(partial, dict) and MEMO_KEY not in view._memo  # propagation reads constants
+    dims = partial.get(name) if in_progress and isinstance(partial, dict) else shape_of(view, name)
+    if dims is None:
+        return None
+    rank = len(dims)
+    wanted = range(rank)
+    if node.op_type == "Shape":
+        start, end = int(attr(node, "start", 0)), attr(node, "end")
+        wanted = range(rank)[start:None if end is None else int(end)]
+    values = [d.value for d in dims]
+    if any(values[i] is None for i in wanted):
+        return None
+    return tuple(int(v) if i in wanted and v is not None else 1 for i, v in enumerate(values))

@@ -31,7 +31,7 @@ import onnx
 from bnfold.io.dtypes import np_dtype
 from bnfold.ir import evaluate
 from bnfold.ir.declared import constant_node_tensor, declared_dims, to_array, type_source
-from bnfold.ir.nodes import attr, is_op, subgraphs, used_names
+from bnfold.ir.nodes import is_op, subgraphs, used_names
 
 __all__ = ["ConstantLookup", "GraphView", "TensorReader"]
 
@@ -279,7 +279,9 @@ class GraphView:
         if need == "shape":
             shape = self.static_shape(name)
             if shape is None and any(a.name in ("start", "end") for a in node.attribute):
-                shape = self._propagated_shape(node, name)
+                from bnfold.ir.shapes import sliced_shape  # shapes build on this view: imported when used
+
+                shape = sliced_shape(self, node, name)
             if shape is None or isinstance(shape, str):
                 return shape
             if any(d < 0 for d in shape):
@@ -295,30 +297,6 @@ class GraphView:
             dtype = np_dtype(elem) if elem is not None else None
             return evaluate.placeholder(None, dtype) if dtype is not None else None
         return None
-
-    def _propagated_shape(self, node: onnx.NodeProto, name: str) -> tuple[int, ...] | None:
-        """The shape of ``name`` (a node's output) as far as ``Shape`` / ``Size`` of ``node`` reads it,
-        from the shapes proven by each op's semantics (``bnfold.ir.shapes``, never ``value_info``):
-        ``Shape(conv_out, start=1, end=2)`` needs only the channel count, which the weight fixes. Axes
-        the slice does not read stand as 1. None when a dimension it reads is not known. Only for a
-        ``Shape`` with ``start`` / ``end`` (opset 15+, as the dynamo exporter writes every Shape): a plain
-        ``Shape(t)`` of a node's output stays a run-time value, as it always was here."""
-        from bnfold.ir.shapes import MEMO_KEY, PARTIAL_KEY, shape_of  # the rules' shapes build on this view
-
-        partial = self._memo.get(PARTIAL_KEY)
-        in_progress = isinstance(partial, dict) and MEMO_KEY not in self._memo  # propagation reads constants
-        dims = partial.get(name) if in_progress and isinstance(partial, dict) else shape_of(self, name)
-        if dims is None:
-            return None
-        rank = len(dims)
-        wanted = range(rank)
-        if node.op_type == "Shape":
-            start, end = int(attr(node, "start", 0)), attr(node, "end")
-            wanted = range(rank)[start:None if end is None else int(end)]
-        values = [d.value for d in dims]
-        if any(values[i] is None for i in wanted):
-            return None
-        return tuple(int(v) if i in wanted and v is not None else 1 for i, v in enumerate(values))
 
     def _evaluate(self, idx: int, known: Callable[[str], ConstantLookup | None]) -> dict[str, ConstantLookup]:
         """Every output of the evaluable node ``idx``: its value, or why it is computed at run time."""
