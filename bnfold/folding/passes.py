@@ -101,7 +101,8 @@ def fold_model(
     folded: list[FoldedPair] = []
     skipped: list[Skip] = []
     orphans: set[str] = set()
-    run = _Run(names, options, rules, folded, skipped, orphans, keep or (lambda t: t), data)
+    original = frozenset(names.used)
+    run = _Run(names, options, rules, folded, skipped, orphans, keep or (lambda t: t), data, original)
     run.fold_graph(out.graph, None, "")
     _fold_functions(out, run, fn_reasons)
     if folded:
@@ -188,6 +189,8 @@ class _Run:
     orphans: set[str]
     keep: TensorSink
     data: TensorReader | None
+    original: frozenset[str] = frozenset()
+    """Every tensor name of the model before folding: what a record may name (both models compute it)."""
 
     def fold_graph(self, graph: onnx.GraphProto, parent: GraphView | None, path: str) -> None:
         """Rounds of match -> accept -> apply on ``graph`` until nothing more folds, then its subgraphs."""
@@ -207,7 +210,7 @@ class _Run:
                 break
             _apply(graph, accepted, self.orphans)
             self.folded.extend(
-                FoldedPair(rule=f.rule, producer_op=f.producer_op, output=f.norm.output,
+                FoldedPair(rule=f.rule, producer_op=f.producer_op, output=self._named(graph, f.norm.output),
                            norm_op=f.norm.op_type, graph=path)
                 for f in accepted
             )
@@ -220,6 +223,19 @@ class _Run:
                 sub_path += f"{view.describe(idx)}.{attr_name}"
                 self.fold_graph(sub, view, sub_path)
 
+    def _named(self, graph: onnx.GraphProto, name: str) -> str:
+        """The tensor a fold's record names: ``name`` if the original model has it, else the first tensor
+        downstream of it, through single readers, that the original has (a fold into a node an earlier
+        fold wrote under a fresh name: both models compute that downstream tensor alike)."""
+        seen = {name}
+        while name not in self.original:
+            readers = [n for n in graph.node if name in n.input]
+            if len(readers) != 1 or not readers[0].output or readers[0].output[0] in seen:
+                return name
+            name = readers[0].output[0]
+            seen.add(name)
+        return name
+
     def _kept(self, fold: Fold) -> Fold:
         """An accepted fold with its new tensors handed to ``keep`` (rules never write: the pass does)."""
         return dataclasses.replace(fold, tensors=tuple(self.keep(t) for t in fold.tensors))
@@ -231,11 +247,15 @@ _MALFORMED = (ArithmeticError, ValueError, IndexError, KeyError, TypeError)
 
 
 def _plan(ctx: FoldContext, keep: Callable[[Fold], Fold] = lambda fold: fold) -> tuple[list[Fold], list[Skip], int]:
-    """Match every normalization against ``ctx.rules``; accept folds whose nodes do not overlap an earlier
-    accepted fold. ``keep`` receives each accepted fold as it is accepted (and may move its new tensors to disk)."""
+    """Match every normalization against ``ctx.rules``; accept folds that overlap no earlier accepted fold: no
+    node in common, and no new node reading a tensor another fold drops (a clone of a MatMul reading a BN's
+    output while a forward fold removes that BN). The others wait for the next round. ``keep`` receives each
+    accepted fold as it is accepted (and may move its new tensors to disk)."""
     accepted: list[Fold] = []
     skips: list[Skip] = []
     claimed: set[int] = set()
+    read: set[str] = set()
+    dropped: set[str] = set()
     deferred = 0
     for idx in range(len(ctx.view.graph.node)):
         for source in SOURCES:
@@ -255,11 +275,14 @@ def _plan(ctx: FoldContext, keep: Callable[[Fold], Fold] = lambda fold: fold) ->
                 break
             outcome = _match(ctx, norm)
             if isinstance(outcome, Fold):
-                if outcome.touched & claimed:
+                reads, drops = outcome.reads(), outcome.drops(ctx.view.graph)
+                if outcome.touched & claimed or reads & dropped or drops & read:
                     deferred += 1
                 else:
                     accepted.append(keep(outcome))
                     claimed |= outcome.touched
+                    read |= reads
+                    dropped |= drops
             elif isinstance(outcome, Skip):
                 skips.append(outcome)
             break

@@ -36,6 +36,11 @@ class NameAllocator:
             for _, g in subgraphs(node):
                 self._collect(g)
 
+    @property
+    def used(self) -> frozenset[str]:
+        """Every name taken so far: the model's own, and those handed out."""
+        return frozenset(self._used)
+
     def fresh(self, base: str) -> str:
         """``base`` itself if unused, else ``base_1``, ``base_2``, ... Reserves the name returned."""
         name, i = base, 0

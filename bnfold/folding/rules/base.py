@@ -97,6 +97,21 @@ class Fold:
     def touched(self) -> frozenset[int]:
         return frozenset(self.replace) | frozenset(self.remove) | frozenset(self.insert_before)
 
+    def new_nodes(self) -> list[onnx.NodeProto]:
+        return [*self.replace.values(), *(n for nodes in self.insert_before.values() for n in nodes)]
+
+    def reads(self) -> frozenset[str]:
+        """Tensors the fold's new nodes read."""
+        return frozenset(name for node in self.new_nodes() for name in node.input if name)
+
+    def drops(self, graph: onnx.GraphProto) -> frozenset[str]:
+        """Tensors of ``graph`` whose value the fold may change or remove: every output of the nodes it
+        replaces or removes, but for the one it keeps computing by design (``norm.output``: a backward fold's
+        producer writes the normalization's output; a forward fold's first consumer its own). Conservative:
+        a fold that conflicts with another only waits for the next round."""
+        old = [graph.node[i] for i in (*self.replace, *self.remove)]
+        return frozenset(name for node in old for name in node.output if name and name != self.norm.output)
+
 
 @dataclass
 class FoldContext:
