@@ -27,6 +27,7 @@ from bnfold.errors import BadInputError, first_line
 from bnfold.torch.archive import ArchiveSource, is_exported_program, quiet, require_torch
 from bnfold.torch.inputs import ShapesArg, TorchInputs
 from bnfold.torch.program_fold import bn_nodes, bn_output, fold_program_graph
+from bnfold.torch.program_weights import materialize_weight_norms
 from bnfold.torch.result import TorchFold, write_checked
 
 if TYPE_CHECKING:
@@ -154,13 +155,16 @@ def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
                 args = list(producer.args)
                 args[2:3] = [ph]
                 producer.args = tuple(args)
+        if not plan.remove_bn:
+            continue
         bn = plan.bn
         out = bn_output(bn)
-        stat_nodes += [a for a in bn.args if isinstance(a, torch.fx.Node) and a.op == "placeholder"]
+        stat_nodes += [a for a in bn.args[1:] if isinstance(a, torch.fx.Node) and a.op == "placeholder"]
+        replacement = producer if plan.replacement is None else plan.replacement
         for o in outputs:
             if getattr(o.arg, "name", None) == out.name:
-                o.arg.name = producer.name
-        out.replace_all_uses_with(producer)
+                o.arg.name = replacement.name
+        out.replace_all_uses_with(replacement)
         for unused in list(bn.users):  # getitem(bn, 0) and the unread getitem(bn, 1|2) a reload adds
             graph.erase_node(unused)
         graph.erase_node(bn)
@@ -297,7 +301,9 @@ def fold_exported_program(
         original, work = load_program(src), load_program(src)
     bn_before = len(bn_nodes(original.graph))
     nodes_before = _count_nodes(original)
+    work, weights = materialize_weight_norms(work)
     decided = fold_program_graph(work)
+    decided.folded[:0] = weights
     with quiet():  # torch's own deprecation chatter (deep-copying the module call graph's tree specs)
         folded_program = _apply(work, decided.plans) if decided.plans else work
     archive = save_program(folded_program)

@@ -44,7 +44,10 @@ from bnfold.folding.result import FoldedPair, Skip
 from bnfold.torch.jit_fold import BN_OPS
 from bnfold.torch.producers import PRODUCERS, BnStats, bn_stats_affine, from64, to64
 
-__all__ = ["BN_TRAINING_OPS", "ProgramFold", "bn_nodes", "fold_program_graph", "op_name"]
+__all__ = [
+    "BN_TRAINING_OPS", "Lifted", "ProgramFold", "ProgramPlan", "bn_nodes", "bn_output", "fold_program_graph",
+    "matmul_weight", "only_reader", "op_name", "plan_into",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,8 @@ class ProgramPlan:
     bias: Any
     record: FoldedPair
     mm_to_addmm: bool = False
+    replacement: Any = None  # what the BatchNorm's readers read instead (None: the producer)
+    remove_bn: bool = True  # False for every part of a split BatchNorm but its last
 
 
 @dataclass
@@ -120,7 +125,7 @@ def _rank(node: Any) -> int | None:
     return int(val.dim()) if hasattr(val, "dim") else None
 
 
-def _only_reader(value: Any, reader: Any) -> str | None:
+def only_reader(value: Any, reader: Any) -> str | None:
     others = [u for u in value.users if u is not reader and op_name(u) not in _SHAPE_ONLY]
     if not others:
         return None
@@ -181,7 +186,7 @@ class _Producer:
     mm_to_addmm: bool = False
 
 
-def _matmul_weight(mat2: Any) -> tuple[Any, int, Any | None] | str:
+def matmul_weight(mat2: Any) -> tuple[Any, int, Any | None] | str:
     """(weight placeholder, its output axis, the transpose node) for the right operand of mm/addmm."""
     if mat2.op == "placeholder":
         return mat2, 1, None
@@ -208,7 +213,7 @@ def _producer(node: Any) -> _Producer | str:
         if kind == "aten::addmm" and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
             return "aten::addmm with alpha or beta other than 1"
         mat2 = node.args[2] if kind == "aten::addmm" else node.args[1]
-        found = _matmul_weight(mat2)
+        found = matmul_weight(mat2)
         if isinstance(found, str):
             return found
         weight, axis, transpose = found
@@ -229,14 +234,33 @@ def _producer(node: Any) -> _Producer | str:
     return _Producer(node, node, rule, node.args[1], 0, None, _arg(node, 2, "bias"), groups)
 
 
-def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
+def _plan(bn: Any, lifted: Lifted) -> list[ProgramPlan] | str:
+    from bnfold.torch import program_patterns as patterns
+
     found = _match_bn(bn, lifted)
     if isinstance(found, str):
         return found
     stats, source = found
-    bad = _only_reader(source, bn)
-    if bad:
-        return bad
+    if op_name(source) == "aten::cat":
+        return patterns.plan_concat(bn, stats, source, lifted)
+    if op_name(source) in patterns.LAYOUT_OPS:
+        back = patterns.plan_layout(bn, stats, source, lifted)
+    else:
+        bad = only_reader(source, bn)
+        back = bad if bad else plan_into(bn, stats, source, lifted)
+    if not isinstance(back, str):
+        return back if isinstance(back, list) else [back]
+    forward = patterns.plan_forward(bn, stats, lifted)
+    if forward is None:
+        return back
+    if isinstance(forward, str):
+        return f"{back}; and {forward}"
+    return [forward]
+
+
+def plan_into(bn: Any, stats: BnStats, source: Any, lifted: Lifted, axis: int = 1,
+              rule: str | None = None) -> ProgramPlan | str:
+    """Fold ``stats`` (normalizing ``axis`` of ``source``) into the producer of ``source``: a plan or the reason."""
     prod = _producer(source)
     if isinstance(prod, str):
         return prod
@@ -261,8 +285,8 @@ def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
     else:
         channel_axis = 1 if rank == weight.dim() else 0
         out_channels = weight.shape[1] * prod.groups if prod.rule == "conv_transpose" else weight.shape[0]
-    if channel_axis != 1:
-        return f"it normalizes axis 1 of %{source.name}, whose channel axis is {channel_axis}"
+    if channel_axis != axis:
+        return f"it normalizes axis {axis} of %{source.name}, whose channel axis is {channel_axis}"
     if out_channels != stats.mean.numel():
         return f"%{prod.compute.name} has {out_channels} output channels, the BatchNorm {stats.mean.numel()}"
     if bias is not None and bias.numel() != out_channels:
@@ -280,7 +304,7 @@ def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
         b_t = from64(new_b, bias if bias is not None else weight, f"bias of %{prod.compute.name}")
     except RoundingError as exc:
         return str(exc)
-    record = FoldedPair(rule=prod.rule, producer_op=op_name(prod.compute), output=bn_output(bn).name,
+    record = FoldedPair(rule=rule or prod.rule, producer_op=op_name(prod.compute), output=bn_output(bn).name,
                         norm_op=op_name(bn))
     return ProgramPlan(bn=bn, producer=prod.node, weight_node=prod.weight_node, weight=w_t, bias_node=prod.bias_node,
                  bias=b_t, record=record, mm_to_addmm=prod.mm_to_addmm)
@@ -296,6 +320,6 @@ def fold_program_graph(program: Any) -> ProgramFold:
             out.skipped.append(Skip(output=bn_output(bn).name, op_type=op_name(bn),
                                     reason=f"{op_name(bn)} %{bn.name}: {planned}"))
         else:
-            out.plans.append(planned)
-            out.folded.append(planned.record)
+            out.plans.extend(planned)
+            out.folded.append(planned[-1].record)
     return out
