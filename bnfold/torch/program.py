@@ -146,6 +146,9 @@ def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
                 with graph.inserting_before(producer):
                     addmm = graph.call_function(torch.ops.aten.addmm.default, (ph, *producer.args))
                 addmm.meta = dict(producer.meta)
+                for o in outputs:
+                    if getattr(o.arg, "name", None) == producer.name:
+                        o.arg.name = addmm.name
                 producer.replace_all_uses_with(addmm)
                 graph.erase_node(producer)
                 producer = addmm

@@ -197,10 +197,10 @@ def plan_concat(bn: Any, stats: BnStats, cat: Any, lifted: Lifted) -> list[Progr
         c = int(shape[1])
         if offset + c > total:
             return f"it follows {desc}, whose inputs have more channels than the BatchNorm's {total}"
+        part = plan_into(bn, _sliced(stats, slice(offset, offset + c)), value, lifted, rule="concat")
         shared = only_reader(value, cat)
-        part = shared or plan_into(bn, _sliced(stats, slice(offset, offset + c)), value, lifted, rule="concat")
-        if isinstance(part, str):
-            return f"it follows {desc}, and {which} cannot take its part: {part}"
+        if isinstance(part, str) or shared:
+            return f"it follows {desc}, and {which} cannot take its part: {part if isinstance(part, str) else shared}"
         part.remove_bn = False
         parts.append(part)
         offset += c

@@ -36,7 +36,13 @@ from bnfold.torch.program_fold import Lifted, op_name
 
 __all__ = ["materialize_weight_norms", "weight_norm64"]
 
-_NORM_OPS = frozenset({"aten::_weight_norm", "aten::_weight_norm_interface"})
+_NORMS = frozenset({"aten::_weight_norm", "aten::_weight_norm_interface", "aten::linalg_vector_norm",
+                    "aten::norm", "aten::norm_except_dim"})
+_LAYOUT = frozenset({"aten::permute", "aten::t", "aten::transpose", "aten::view", "aten::reshape"})
+_PURE = _NORMS | _LAYOUT | frozenset({
+    "aten::mul", "aten::div", "aten::pow", "aten::sqrt", "aten::rsqrt", "aten::reciprocal", "aten::sum",
+    "aten::expand", "aten::clone", "aten::squeeze", "aten::unsqueeze"})
+"""Deterministic aten ops a weight normalization is spelled with (evaluated in float64 on the parameters)."""
 
 
 def weight_norm64(v: np.ndarray, g: np.ndarray, dim: int) -> np.ndarray:
@@ -58,32 +64,68 @@ def _weight_name(target: str, taken: set[str]) -> str:
     return name if name != target and name not in taken else target
 
 
-def _plans(program: Any) -> list[tuple[Any, Any, Any, Any, Any]]:
-    """(norm node, value node, v placeholder, g placeholder, folded tensor) for each materializable one."""
+def _evaluate64(nodes: list[Any], leaves: dict[Any, Any]) -> Any:
+    """Run ``nodes`` (in graph order) on float64 copies of the ``leaves`` tensors; the last node's value."""
+    import torch
+
+    values: dict[Any, Any] = {leaf: t.detach().to(torch.float64) for leaf, t in leaves.items()}
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, list | tuple):
+            return type(a)(arg(x) for x in a)
+        return values[a] if isinstance(a, torch.fx.Node) else a
+
+    for node in nodes:
+        values[node] = node.target(*arg(node.args), **{k: arg(v) for k, v in node.kwargs.items()})
+    return values[nodes[-1]]
+
+
+def _plans(program: Any) -> list[tuple[Any, list[Any], Any, list[Any], Any, str]]:
+    """(root, its computing nodes, the placeholder that takes the value, the other placeholders, the value
+    rounded, "weight normalization" | "constant subgraph") for each weight computed from lifted tensors."""
+    import torch
+
     lifted = Lifted(program)
-    out = []
+    computed: dict[Any, list[Any]] = {}  # node -> the computing nodes it depends on (itself last)
     for node in program.graph.nodes:
-        kind = op_name(node)
-        if kind not in _NORM_OPS:
+        if node.op != "call_function" or not (op_name(node) in _PURE or node.target is operator.getitem):
             continue
-        value = node
-        if kind == "aten::_weight_norm_interface":
-            gets = [u for u in node.users if u.target is operator.getitem]
-            if len(gets) != len(node.users) or any(u.args[1] != 0 for u in gets if u.users) or len(gets) != 1:
-                continue
-            value = gets[0]
-        v_node, g_node = node.args[0], node.args[1]
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        v, g = lifted.tensor(v_node), lifted.tensor(g_node)
-        if v is None or g is None or not isinstance(dim, int) or not v.is_floating_point() or v.dtype != g.dtype:
+        inputs = [a for a in node.all_input_nodes]
+        if not inputs or not all(a in computed or lifted.tensor(a) is not None for a in inputs):
             continue
-        if len(v_node.users) != 1 or len(g_node.users) != 1 or v_node is g_node:
+        deps = [n for a in inputs if a in computed for n in computed[a]]
+        computed[node] = [*dict.fromkeys(deps), node]
+    out = []
+    taken: set[Any] = set()
+    for root in reversed(list(computed)):
+        if root in taken or all(u in computed for u in root.users):
+            continue
+        while op_name(root) in _LAYOUT and root.args[0] in computed and len(root.args[0].users) == 1:
+            root = root.args[0]  # a transpose of the computed weight stays (the folds read through it)
+        nodes = [n for n in program.graph.nodes if n in set(computed[root])]
+        taken.update(nodes)
+        kinds = {op_name(n) for n in nodes}
+        if kinds <= _LAYOUT or not kinds & _NORMS:
+            continue  # a transpose of a weight is folded through; a constant subgraph other than a norm: left
+        leaves = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in computed))
+        inside = set(nodes)
+        if any(u not in inside for n in [*nodes[:-1], *leaves] for u in n.users):
+            continue  # a leaf or an intermediate read elsewhere
+        tensors = {leaf: lifted.tensor(leaf) for leaf in leaves}
+        val: Any = root.meta.get("val")
+        dtypes = {t.dtype for t in tensors.values()}
+        if val is None or len(dtypes) != 1 or not all(t.is_floating_point() for t in tensors.values()):
+            continue
+        host = next((leaf for leaf in leaves if tuple(tensors[leaf].shape) == tuple(val.shape)), None)
+        if host is None:
             continue
         try:
-            w = from64(weight_norm64(to64(v), to64(g), dim), v, f"weight normalization %{node.name}")
-        except RoundingError:
+            with torch.no_grad():
+                value = _evaluate64(nodes, tensors)
+            w = from64(to64(value), tensors[host], f"weight computed by %{root.name}")
+        except (RoundingError, RuntimeError, TypeError, KeyError):
             continue
-        out.append((node, value, v_node, g_node, w))
+        out.append((root, nodes, host, [leaf for leaf in leaves if leaf is not host], w, "weight normalization"))
     return out
 
 
@@ -102,31 +144,31 @@ def materialize_weight_norms(program: Any) -> tuple[Any, list[FoldedPair]]:
     state, constants = dict(program.state_dict), dict(program.constants)
     taken = set(state) | set(constants)
     records = []
-    for node, value, v_node, g_node, w in found:
-        readers = list(value.users)
+    for root, nodes, host, others, w, kind in found:
+        readers = list(root.users)
         reader = op_name(readers[0]) if len(readers) == 1 else "several ops"
-        records.append(FoldedPair(rule="const_weights", producer_op=reader, output=value.name,
-                                  norm_op="weight normalization"))
-        vspec, gspec = by_name[v_node.name], by_name[g_node.name]
-        old = state.pop(vspec.target, None)
-        constants.pop(vspec.target, None)
-        vspec.target = _weight_name(vspec.target, taken)
-        taken.add(vspec.target)
-        if vspec.kind == InputKind.PARAMETER:
-            state[vspec.target] = torch.nn.Parameter(w, requires_grad=bool(getattr(old, "requires_grad", False)))
-        elif vspec.kind == InputKind.BUFFER and vspec.persistent:
-            state[vspec.target] = w
+        records.append(FoldedPair(rule="const_weights", producer_op=reader, output=root.name, norm_op=kind))
+        hspec = by_name[host.name]
+        old = state.pop(hspec.target, None)
+        constants.pop(hspec.target, None)
+        hspec.target = _weight_name(hspec.target, taken)
+        taken.add(hspec.target)
+        if hspec.kind == InputKind.PARAMETER:
+            state[hspec.target] = torch.nn.Parameter(w, requires_grad=bool(getattr(old, "requires_grad", False)))
+        elif hspec.kind == InputKind.BUFFER and hspec.persistent:
+            state[hspec.target] = w
         else:
-            constants[vspec.target] = w
-        value.replace_all_uses_with(v_node)
-        if value is not node:
-            graph.erase_node(value)
-        graph.erase_node(node)
-        graph.erase_node(g_node)
-        specs.remove(gspec)
-        if not any(s.target == gspec.target for s in specs):
-            state.pop(gspec.target, None)
-            constants.pop(gspec.target, None)
+            constants[hspec.target] = w
+        root.replace_all_uses_with(host)
+        for node in reversed(nodes):
+            graph.erase_node(node)
+        for leaf in others:
+            spec = by_name[leaf.name]
+            graph.erase_node(leaf)
+            specs.remove(spec)
+            if not any(s.target == spec.target for s in specs):
+                state.pop(spec.target, None)
+                constants.pop(spec.target, None)
     graph.lint()
     gm.recompile()
     return torch.export.ExportedProgram(
