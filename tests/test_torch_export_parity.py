@@ -49,6 +49,17 @@ class BnConv(nn.Module):
         return self.conv(self.bn(x))
 
 
+class BnConvBn(nn.Module):
+    """BN -> unpadded Conv -> BN: one folds forward, the other backward, into the same weight (two rounds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0, self.conv, self.bn1 = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(self.bn0(x)))
+
+
 class MixConv(nn.Module):
     """MixNet-style: two kernel sizes, concatenated, then BN."""
 
@@ -111,6 +122,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, int]]
     "bn_linear": (BnLinear, (3, 8), {"bn_gemm": 1}),
     "bn_linear_nobias": (lambda: BnLinear(bias=False), (3, 8), {"bn_gemm": 1}),
     "bn_conv": (BnConv, (2, 4, 7, 7), {"bn_conv": 1}),
+    "bn_conv_bn": (BnConvBn, (2, 4, 5, 5), {"bn_conv": 1, "conv": 1}),
     "concat": (MixConv, (2, 4, 6, 6), {"concat": 1}),
     "weight_norm": (WeightNormed, (2, 4, 6, 6), {"const_weights": 1, "conv": 1}),
     "weight_norm_legacy": (lambda: WeightNormed(legacy=True), (2, 4, 6, 6), {"const_weights": 1, "conv": 1}),

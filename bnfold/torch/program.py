@@ -6,7 +6,10 @@ and verified program out.
 3. The accepted plans are applied to the graph: folded weights replace the producer's lifted tensors
    (a bias-less producer gets a new lifted bias of the weight's kind, or ``mm`` becomes ``addmm``), each
    BatchNorm's reader reads the producer, and the BatchNorm's parameters and buffers are dropped. The
-   call signature, ``range_constraints`` (dynamic shapes) and module call graph are kept.
+   call signature, ``range_constraints`` (dynamic shapes) and module call graph are kept. Steps 2-3 repeat
+   until nothing folds (a plan touching a weight another plan of the round rewrites waits for the next);
+   before them, weight normalization of parameters becomes a plain parameter
+   (:mod:`bnfold.torch.program_weights`).
 4. ``torch.export.save``, then ``torch.export.load`` of those bytes: the result is what a user will load.
 5. Verification: ``module()`` of the original and of the reloaded program on the same seeded inputs
    (shaped like the program's example inputs unless ``shapes`` is given), compared with
@@ -304,17 +307,20 @@ def fold_exported_program(
         original, work = load_program(src), load_program(src)
     bn_before = len(bn_nodes(original.graph))
     nodes_before = _count_nodes(original)
-    work, weights = materialize_weight_norms(work)
-    decided = fold_program_graph(work)
-    decided.folded[:0] = weights
-    with quiet():  # torch's own deprecation chatter (deep-copying the module call graph's tree specs)
-        folded_program = _apply(work, decided.plans) if decided.plans else work
+    folded_program, folded = materialize_weight_norms(work)
+    for _ in range(bn_before + 1):  # rounds: a fold may enable another (BN -> Conv -> BN, BN -> BN)
+        decided = fold_program_graph(folded_program)
+        folded += decided.folded
+        if not decided.plans:
+            break
+        with quiet():  # torch's own deprecation chatter (deep-copying the module call graph's tree specs)
+            folded_program = _apply(folded_program, decided.plans)
     archive = save_program(folded_program)
     reloaded = load_program(archive)
     result = ProgramFoldResult(
         program=reloaded,
         archive=archive,
-        folded=decided.folded,
+        folded=folded,
         skipped=decided.skipped,
         bn_before=bn_before,
         bn_after=len(bn_nodes(reloaded.graph)),

@@ -112,6 +112,8 @@ class ProgramFold:
     folded: list[FoldedPair] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     plans: list[ProgramPlan] = field(default_factory=list)
+    deferred: int = 0
+    """BatchNorms whose fold touches a node another plan of this round rewrites: decided in the next round."""
 
 
 def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
@@ -314,12 +316,19 @@ def fold_program_graph(program: Any) -> ProgramFold:
     """Decide every BatchNorm of ``program`` (read only): a plan per foldable one, a Skip per other."""
     lifted = Lifted(program)
     out = ProgramFold()
+    touched: set[Any] = set()
     for bn in bn_nodes(program.graph):
         planned = _plan(bn, lifted)
         if isinstance(planned, str):
             out.skipped.append(Skip(output=bn_output(bn).name, op_type=op_name(bn),
                                     reason=f"{op_name(bn)} %{bn.name}: {planned}"))
-        else:
-            out.plans.extend(planned)
-            out.folded.append(planned[-1].record)
+            continue
+        nodes = {n for p in planned for n in (p.bn, bn_output(p.bn), p.producer, p.weight_node, p.bias_node,
+                                               p.replacement) if n is not None}
+        if nodes & touched:  # e.g. BN -> Conv -> BN: one folds forward, the other backward, into one weight
+            out.deferred += 1
+            continue
+        touched |= nodes
+        out.plans.extend(planned)
+        out.folded.append(planned[-1].record)
     return out
