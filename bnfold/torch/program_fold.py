@@ -27,6 +27,10 @@ Conditions (each failing one is a Skip naming the BatchNorm):
   shape metadata (axis 1 of a batched convolution, the last axis of a Linear / addmm / mm);
 * channel counts agree and the folded tensors are finite in the weight's dtype.
 
+Where there is no such producer, :mod:`bnfold.torch.program_patterns` is tried (a BatchNorm after ``aten.cat``
+or a layout op, or folded forward into the Linear / unpadded convolution after it); a refusal then names
+both what blocks the fold backward and what blocks it forward.
+
 Formula: :mod:`bnfold.folding` in float64 (through :mod:`bnfold.torch.producers`), each tensor rounded once.
 """
 
