@@ -120,14 +120,15 @@ def test_training_mode_is_refused_with_a_reason() -> None:
 
 
 class _Shapes(nn.Module):
-    """BN on the input; a Linear on [N, T, C] before a BatchNorm1d (normalizes T); a conv read twice."""
+    """BN on the input; a Linear on [N, T, C] before a BatchNorm1d (normalizes T); a conv read twice
+    (padded, so the BatchNorm1d before it does not fold forward into it either)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bn_in = nn.BatchNorm1d(4)
         self.lin = nn.Linear(4, 4)
         self.bn_seq = nn.BatchNorm1d(4)
-        self.conv = nn.Conv1d(4, 4, 1)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
         self.bn_conv = nn.BatchNorm1d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ needs it raises :class:`~bnfold.errors.MissingDependencyError` naming the extra.
 * ``export``    -- ONNX export keeping BatchNormalization, ``fold_torch``
 * ``dynamo_export`` -- the dynamo ONNX exporter with BatchNormalization kept, legacy fallback
 * ``program_fold``  -- the BatchNorm fold as a pass over a ``torch.export`` program graph (decide)
+* ``program_patterns`` -- program folds forward into Linear / unpadded conv, after ``cat``, through layout ops
+* ``program_weights``  -- a program's weight normalization evaluated into a plain parameter
 * ``program``   -- ``fold_exported_program``: ``.pt2`` in, ``.pt2`` out, verified (apply, save, check)
 * ``module``    -- ``fold_module``: an eager ``nn.Module`` in, a folded copy out
 * ``module_graph`` -- the module-call graph fold_module reads (torch.fx, or torch.export where fx fails)

@@ -6,7 +6,10 @@ and verified program out.
 3. The accepted plans are applied to the graph: folded weights replace the producer's lifted tensors
    (a bias-less producer gets a new lifted bias of the weight's kind, or ``mm`` becomes ``addmm``), each
    BatchNorm's reader reads the producer, and the BatchNorm's parameters and buffers are dropped. The
-   call signature, ``range_constraints`` (dynamic shapes) and module call graph are kept.
+   call signature, ``range_constraints`` (dynamic shapes) and module call graph are kept. Steps 2-3 repeat
+   until nothing folds (a plan touching a weight another plan of the round rewrites waits for the next);
+   before them, weight normalization of parameters becomes a plain parameter
+   (:mod:`bnfold.torch.program_weights`).
 4. ``torch.export.save``, then ``torch.export.load`` of those bytes: the result is what a user will load.
 5. Verification: ``module()`` of the original and of the reloaded program on the same seeded inputs
    (shaped like the program's example inputs unless ``shapes`` is given), compared with
@@ -27,6 +30,7 @@ from bnfold.errors import BadInputError, first_line
 from bnfold.torch.archive import ArchiveSource, is_exported_program, quiet, require_torch
 from bnfold.torch.inputs import ShapesArg, TorchInputs
 from bnfold.torch.program_fold import bn_nodes, bn_output, fold_program_graph
+from bnfold.torch.program_weights import materialize_weight_norms
 from bnfold.torch.result import TorchFold, write_checked
 
 if TYPE_CHECKING:
@@ -145,6 +149,9 @@ def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
                 with graph.inserting_before(producer):
                     addmm = graph.call_function(torch.ops.aten.addmm.default, (ph, *producer.args))
                 addmm.meta = dict(producer.meta)
+                for o in outputs:
+                    if getattr(o.arg, "name", None) == producer.name:
+                        o.arg.name = addmm.name
                 producer.replace_all_uses_with(addmm)
                 graph.erase_node(producer)
                 producer = addmm
@@ -154,13 +161,16 @@ def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
                 args = list(producer.args)
                 args[2:3] = [ph]
                 producer.args = tuple(args)
+        if not plan.remove_bn:
+            continue
         bn = plan.bn
         out = bn_output(bn)
-        stat_nodes += [a for a in bn.args if isinstance(a, torch.fx.Node) and a.op == "placeholder"]
+        stat_nodes += [a for a in bn.args[1:] if isinstance(a, torch.fx.Node) and a.op == "placeholder"]
+        replacement = producer if plan.replacement is None else plan.replacement
         for o in outputs:
             if getattr(o.arg, "name", None) == out.name:
-                o.arg.name = producer.name
-        out.replace_all_uses_with(producer)
+                o.arg.name = replacement.name
+        out.replace_all_uses_with(replacement)
         for unused in list(bn.users):  # getitem(bn, 0) and the unread getitem(bn, 1|2) a reload adds
             graph.erase_node(unused)
         graph.erase_node(bn)
@@ -297,15 +307,20 @@ def fold_exported_program(
         original, work = load_program(src), load_program(src)
     bn_before = len(bn_nodes(original.graph))
     nodes_before = _count_nodes(original)
-    decided = fold_program_graph(work)
-    with quiet():  # torch's own deprecation chatter (deep-copying the module call graph's tree specs)
-        folded_program = _apply(work, decided.plans) if decided.plans else work
+    folded_program, folded = materialize_weight_norms(work)
+    for _ in range(bn_before + 1):  # rounds: a fold may enable another (BN -> Conv -> BN, BN -> BN)
+        decided = fold_program_graph(folded_program)
+        folded += decided.folded
+        if not decided.plans:
+            break
+        with quiet():  # torch's own deprecation chatter (deep-copying the module call graph's tree specs)
+            folded_program = _apply(folded_program, decided.plans)
     archive = save_program(folded_program)
     reloaded = load_program(archive)
     result = ProgramFoldResult(
         program=reloaded,
         archive=archive,
-        folded=decided.folded,
+        folded=folded,
         skipped=decided.skipped,
         bn_before=bn_before,
         bn_after=len(bn_nodes(reloaded.graph)),

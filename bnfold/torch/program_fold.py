@@ -27,6 +27,10 @@ Conditions (each failing one is a Skip naming the BatchNorm):
   shape metadata (axis 1 of a batched convolution, the last axis of a Linear / addmm / mm);
 * channel counts agree and the folded tensors are finite in the weight's dtype.
 
+Where there is no such producer, :mod:`bnfold.torch.program_patterns` is tried (a BatchNorm after ``aten.cat``
+or a layout op, or folded forward into the Linear / unpadded convolution after it); a refusal then names
+both what blocks the fold backward and what blocks it forward.
+
 Formula: :mod:`bnfold.folding` in float64 (through :mod:`bnfold.torch.producers`), each tensor rounded once.
 """
 
@@ -44,7 +48,10 @@ from bnfold.folding.result import FoldedPair, Skip
 from bnfold.torch.jit_fold import BN_OPS
 from bnfold.torch.producers import PRODUCERS, BnStats, bn_stats_affine, from64, to64
 
-__all__ = ["BN_TRAINING_OPS", "ProgramFold", "bn_nodes", "fold_program_graph", "op_name"]
+__all__ = [
+    "BN_TRAINING_OPS", "Lifted", "ProgramFold", "ProgramPlan", "bn_nodes", "bn_output", "fold_program_graph",
+    "matmul_weight", "only_reader", "op_name", "plan_into",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,8 @@ class ProgramPlan:
     bias: Any
     record: FoldedPair
     mm_to_addmm: bool = False
+    replacement: Any = None  # what the BatchNorm's readers read instead (None: the producer)
+    remove_bn: bool = True  # False for every part of a split BatchNorm but its last
 
 
 @dataclass
@@ -107,6 +116,8 @@ class ProgramFold:
     folded: list[FoldedPair] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     plans: list[ProgramPlan] = field(default_factory=list)
+    deferred: int = 0
+    """BatchNorms whose fold touches a node another plan of this round rewrites: decided in the next round."""
 
 
 def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
@@ -120,7 +131,7 @@ def _rank(node: Any) -> int | None:
     return int(val.dim()) if hasattr(val, "dim") else None
 
 
-def _only_reader(value: Any, reader: Any) -> str | None:
+def only_reader(value: Any, reader: Any) -> str | None:
     others = [u for u in value.users if u is not reader and op_name(u) not in _SHAPE_ONLY]
     if not others:
         return None
@@ -181,7 +192,7 @@ class _Producer:
     mm_to_addmm: bool = False
 
 
-def _matmul_weight(mat2: Any) -> tuple[Any, int, Any | None] | str:
+def matmul_weight(mat2: Any) -> tuple[Any, int, Any | None] | str:
     """(weight placeholder, its output axis, the transpose node) for the right operand of mm/addmm."""
     if mat2.op == "placeholder":
         return mat2, 1, None
@@ -208,7 +219,7 @@ def _producer(node: Any) -> _Producer | str:
         if kind == "aten::addmm" and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
             return "aten::addmm with alpha or beta other than 1"
         mat2 = node.args[2] if kind == "aten::addmm" else node.args[1]
-        found = _matmul_weight(mat2)
+        found = matmul_weight(mat2)
         if isinstance(found, str):
             return found
         weight, axis, transpose = found
@@ -229,14 +240,33 @@ def _producer(node: Any) -> _Producer | str:
     return _Producer(node, node, rule, node.args[1], 0, None, _arg(node, 2, "bias"), groups)
 
 
-def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
+def _plan(bn: Any, lifted: Lifted) -> list[ProgramPlan] | str:
+    from bnfold.torch import program_patterns as patterns
+
     found = _match_bn(bn, lifted)
     if isinstance(found, str):
         return found
     stats, source = found
-    bad = _only_reader(source, bn)
-    if bad:
-        return bad
+    if op_name(source) == "aten::cat":
+        return patterns.plan_concat(bn, stats, source, lifted)
+    if op_name(source) in patterns.LAYOUT_OPS:
+        back = patterns.plan_layout(bn, stats, source, lifted)
+    else:
+        bad = only_reader(source, bn)
+        back = bad if bad else plan_into(bn, stats, source, lifted)
+    if not isinstance(back, str):
+        return back if isinstance(back, list) else [back]
+    forward = patterns.plan_forward(bn, stats, lifted)
+    if forward is None:
+        return back
+    if isinstance(forward, str):
+        return f"{back}; and {forward}"
+    return [forward]
+
+
+def plan_into(bn: Any, stats: BnStats, source: Any, lifted: Lifted, axis: int = 1,
+              rule: str | None = None) -> ProgramPlan | str:
+    """Fold ``stats`` (normalizing ``axis`` of ``source``) into the producer of ``source``: a plan or the reason."""
     prod = _producer(source)
     if isinstance(prod, str):
         return prod
@@ -261,8 +291,8 @@ def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
     else:
         channel_axis = 1 if rank == weight.dim() else 0
         out_channels = weight.shape[1] * prod.groups if prod.rule == "conv_transpose" else weight.shape[0]
-    if channel_axis != 1:
-        return f"it normalizes axis 1 of %{source.name}, whose channel axis is {channel_axis}"
+    if channel_axis != axis:
+        return f"it normalizes axis {axis} of %{source.name}, whose channel axis is {channel_axis}"
     if out_channels != stats.mean.numel():
         return f"%{prod.compute.name} has {out_channels} output channels, the BatchNorm {stats.mean.numel()}"
     if bias is not None and bias.numel() != out_channels:
@@ -280,7 +310,7 @@ def _plan(bn: Any, lifted: Lifted) -> ProgramPlan | str:
         b_t = from64(new_b, bias if bias is not None else weight, f"bias of %{prod.compute.name}")
     except RoundingError as exc:
         return str(exc)
-    record = FoldedPair(rule=prod.rule, producer_op=op_name(prod.compute), output=bn_output(bn).name,
+    record = FoldedPair(rule=rule or prod.rule, producer_op=op_name(prod.compute), output=bn_output(bn).name,
                         norm_op=op_name(bn))
     return ProgramPlan(bn=bn, producer=prod.node, weight_node=prod.weight_node, weight=w_t, bias_node=prod.bias_node,
                  bias=b_t, record=record, mm_to_addmm=prod.mm_to_addmm)
@@ -290,12 +320,19 @@ def fold_program_graph(program: Any) -> ProgramFold:
     """Decide every BatchNorm of ``program`` (read only): a plan per foldable one, a Skip per other."""
     lifted = Lifted(program)
     out = ProgramFold()
+    touched: set[Any] = set()
     for bn in bn_nodes(program.graph):
         planned = _plan(bn, lifted)
         if isinstance(planned, str):
             out.skipped.append(Skip(output=bn_output(bn).name, op_type=op_name(bn),
                                     reason=f"{op_name(bn)} %{bn.name}: {planned}"))
-        else:
-            out.plans.append(planned)
-            out.folded.append(planned.record)
+            continue
+        nodes = {n for p in planned for n in (p.bn, bn_output(p.bn), p.producer, p.weight_node, p.bias_node,
+                                               p.replacement) if n is not None}
+        if nodes & touched:  # e.g. BN -> Conv -> BN: one folds forward, the other backward, into one weight
+            out.deferred += 1
+            continue
+        touched |= nodes
+        out.plans.extend(planned)
+        out.folded.append(planned[-1].record)
     return out
