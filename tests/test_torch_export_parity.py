@@ -24,7 +24,12 @@ from torch.nn.utils.parametrizations import weight_norm  # noqa: E402
 from bnfold.check.compare import Tolerances, compare_arrays  # noqa: E402
 from bnfold.torch import fold_exported_program, fold_torch  # noqa: E402
 
-pytestmark = [pytest.mark.torch]
+pytestmark = [
+    pytest.mark.torch,
+    # torch's own, from the test's exports: its pytree deprecation, and the legacy weight_norm's re-assigned weight
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:The tensor attribute self.*was assigned during export:UserWarning"),
+]
 
 nets = pytest.importorskip("nets")
 
