@@ -27,14 +27,12 @@ import operator
 import re
 from typing import Any
 
-import numpy as np
-
 from bnfold.folding.math import RoundingError
 from bnfold.folding.result import FoldedPair
 from bnfold.torch.producers import from64, to64
 from bnfold.torch.program_fold import Lifted, op_name
 
-__all__ = ["materialize_weight_norms", "weight_norm64"]
+__all__ = ["materialize_weight_norms"]
 
 _NORMS = frozenset({"aten::_weight_norm", "aten::_weight_norm_interface", "aten::linalg_vector_norm",
                     "aten::norm", "aten::norm_except_dim"})
@@ -43,18 +41,6 @@ _PURE = _NORMS | _LAYOUT | frozenset({
     "aten::mul", "aten::div", "aten::pow", "aten::sqrt", "aten::rsqrt", "aten::reciprocal", "aten::sum",
     "aten::expand", "aten::clone", "aten::squeeze", "aten::unsqueeze"})
 """Deterministic aten ops a weight normalization is spelled with (evaluated in float64 on the parameters)."""
-
-
-def weight_norm64(v: np.ndarray, g: np.ndarray, dim: int) -> np.ndarray:
-    """``g * v / ||v||`` in float64, the 2-norm over every axis of ``v`` but ``dim`` (all axes for -1)."""
-    v64, g64 = np.asarray(v, dtype=np.float64), np.asarray(g, dtype=np.float64)
-    if dim == -1:
-        norm = np.sqrt(np.sum(v64 * v64))
-    else:
-        dim %= v64.ndim
-        axes = tuple(a for a in range(v64.ndim) if a != dim)
-        norm = np.sqrt(np.sum(v64 * v64, axis=axes, keepdims=True))
-    return v64 * g64 / norm
 
 
 def _weight_name(target: str, taken: set[str]) -> str:
