@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from bnfold.errors import BadInputError, first_line
 from bnfold.torch.archive import ArchiveSource, is_exported_program, quiet, require_torch
 from bnfold.torch.inputs import ShapesArg, TorchInputs
-from bnfold.torch.program_fold import bn_nodes, bn_output, fold_program_graph
+from bnfold.torch.program_fold import bn_nodes, bn_output, drop_placeholder, fold_program_graph, rebuilt
 from bnfold.torch.program_weights import materialize_weight_norms
 from bnfold.torch.result import TorchFold, write_checked
 
@@ -114,7 +114,7 @@ def _unique_target(base: str, taken: set[str]) -> str:
 def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
     """A new ExportedProgram with ``plans`` applied to ``program``'s graph (which it takes over)."""
     import torch
-    from torch.export.graph_signature import ExportGraphSignature, InputSpec, TensorArgument
+    from torch.export.graph_signature import InputSpec, TensorArgument
 
     gm = program.graph_module
     graph = gm.graph
@@ -184,25 +184,8 @@ def _apply(program: Any, plans: list[ProgramPlan]) -> Any:
         spec = by_name[node.name]
         if spec.target in mutated:
             continue
-        graph.erase_node(node)
-        specs.remove(spec)
-        if not any(s.target == spec.target for s in specs):
-            state.pop(spec.target, None)
-            constants.pop(spec.target, None)
-    graph.lint()
-    gm.recompile()
-    signature = ExportGraphSignature(input_specs=specs, output_specs=outputs)
-    return torch.export.ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=signature,
-        state_dict=state,
-        range_constraints=copy.deepcopy(program.range_constraints),
-        module_call_graph=copy.deepcopy(program.module_call_graph),
-        example_inputs=program.example_inputs,
-        constants=constants,
-        verifiers=program.verifiers,
-    )
+        drop_placeholder(graph, node, spec, specs, state, constants)
+    return rebuilt(program, gm, specs, outputs, state, constants)
 
 
 def _user_inputs(program: Any) -> tuple[list[str], list[Any]]:

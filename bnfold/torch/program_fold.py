@@ -36,6 +36,7 @@ Formula: :mod:`bnfold.folding` in float64 (through :mod:`bnfold.torch.producers`
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -49,8 +50,19 @@ from bnfold.torch.jit_fold import BN_OPS
 from bnfold.torch.producers import PRODUCERS, BnStats, bn_stats_affine, from64, to64
 
 __all__ = [
-    "BN_TRAINING_OPS", "Lifted", "ProgramFold", "ProgramPlan", "bn_nodes", "bn_output", "fold_program_graph",
-    "matmul_weight", "only_reader", "op_name", "plan_into",
+    "BN_TRAINING_OPS",
+    "Lifted",
+    "ProgramFold",
+    "ProgramPlan",
+    "bn_nodes",
+    "bn_output",
+    "drop_placeholder",
+    "fold_program_graph",
+    "matmul_weight",
+    "only_reader",
+    "op_name",
+    "plan_into",
+    "rebuilt",
 ]
 
 log = logging.getLogger(__name__)
@@ -336,3 +348,35 @@ def fold_program_graph(program: Any) -> ProgramFold:
         out.plans.extend(planned)
         out.folded.append(planned[-1].record)
     return out
+
+
+def drop_placeholder(graph: Any, node: Any, spec: Any, specs: list[Any], state: dict[str, Any],
+                     constants: dict[str, Any]) -> None:
+    """Erase placeholder ``node`` and its input ``spec``; its tensor goes too once no other spec names it."""
+    graph.erase_node(node)
+    specs.remove(spec)
+    if not any(s.target == spec.target for s in specs):
+        state.pop(spec.target, None)
+        constants.pop(spec.target, None)
+
+
+def rebuilt(program: Any, gm: Any, specs: list[Any], outputs: list[Any], state: dict[str, Any],
+            constants: dict[str, Any]) -> Any:
+    """A new ExportedProgram around the edited graph module ``gm``: ``program``'s range constraints, module
+    call graph, example inputs and verifiers kept; its signature, state and constants as given."""
+    import torch
+    from torch.export.graph_signature import ExportGraphSignature
+
+    gm.graph.lint()
+    gm.recompile()
+    return torch.export.ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
+        state_dict=state,
+        range_constraints=copy.deepcopy(program.range_constraints),
+        module_call_graph=copy.deepcopy(program.module_call_graph),
+        example_inputs=program.example_inputs,
+        constants=constants,
+        verifiers=program.verifiers,
+    )

@@ -30,7 +30,7 @@ from typing import Any
 from bnfold.folding.math import RoundingError
 from bnfold.folding.result import FoldedPair
 from bnfold.torch.producers import from64, to64
-from bnfold.torch.program_fold import Lifted, op_name
+from bnfold.torch.program_fold import Lifted, drop_placeholder, op_name, rebuilt
 
 __all__ = ["materialize_weight_norms"]
 
@@ -119,7 +119,7 @@ def materialize_weight_norms(program: Any) -> tuple[Any, list[FoldedPair]]:
     """``program`` with every weight normalization of lifted parameters replaced by its value (a new
     program; ``program``'s graph is taken over), and one ``const_weights`` record per weight."""
     import torch
-    from torch.export.graph_signature import ExportGraphSignature, InputKind
+    from torch.export.graph_signature import InputKind
 
     found = _plans(program)
     if not found:
@@ -150,22 +150,6 @@ def materialize_weight_norms(program: Any) -> tuple[Any, list[FoldedPair]]:
             graph.erase_node(node)
         for leaf in others:
             spec = by_name[leaf.name]
-            graph.erase_node(leaf)
-            specs.remove(spec)
-            if not any(s.target == spec.target for s in specs):
-                state.pop(spec.target, None)
-                constants.pop(spec.target, None)
-    graph.lint()
-    gm.recompile()
-    return torch.export.ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=ExportGraphSignature(input_specs=specs,
-                                             output_specs=copy.deepcopy(program.graph_signature.output_specs)),
-        state_dict=state,
-        range_constraints=copy.deepcopy(program.range_constraints),
-        module_call_graph=copy.deepcopy(program.module_call_graph),
-        example_inputs=program.example_inputs,
-        constants=constants,
-        verifiers=program.verifiers,
-    ), records
+            drop_placeholder(graph, leaf, spec, specs, state, constants)
+    outputs = copy.deepcopy(program.graph_signature.output_specs)
+    return rebuilt(program, gm, specs, outputs, state, constants), records
