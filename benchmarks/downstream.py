@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bnfold  # noqa: E402
+from bnfold.environment import cpu_model  # noqa: E402
 from bnfold.timing.inputs import model_inputs, plan_inputs  # noqa: E402
 from bnfold.timing.stats import bootstrap_ratio_ci  # noqa: E402
 
@@ -445,14 +446,7 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def environment_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} logical cores; "
             f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
             f"bnfold {bnfold.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, "

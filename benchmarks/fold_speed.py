@@ -241,14 +241,9 @@ def check_output(original: Path, folded: Path, x: Any, reference: Any) -> dict[s
 
 # -- the table ----------------------------------------------------------------------------------------
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bnfold.environment import cpu_model
+
+    cpu = cpu_model()
     mem = ""
     try:
         kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
